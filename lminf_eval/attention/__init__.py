@@ -1,0 +1,1 @@
+"""Attention math: the Λ-shaped kernel and how each family encodes relative position."""

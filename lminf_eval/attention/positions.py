@@ -1,0 +1,74 @@
+"""How a family encodes relative position, so the kernel can score a pair at any distance it chooses.
+
+LM-Infinite needs scores at distances the model never produced itself: the ceiling L for far keys and the
+fixed distance D for top-k middle tokens. For RoPE that means re-rotating the already-rotated q and k by
+an offset; for ALiBi it is just a different bias. Both are derived from the model's own parameters.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass
+class Rope:
+    """Rotary embedding read from the model: `inv_freq` (rope scaling already applied), rotated dims, layout."""
+
+    source: nn.Module | None  # module holding the live `inv_freq` buffer (dynamic rope types update it)
+    fixed_inv_freq: torch.Tensor | None  # for families that do not keep one (GPT-J builds a sin/cos table)
+    interleaved: bool  # GPT-J rotates pairs (0,1),(2,3)...; the others rotate halves
+
+    @property
+    def inv_freq(self) -> torch.Tensor:
+        return self.source.inv_freq if self.source is not None else self.fixed_inv_freq
+
+    def rotate(self, x: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+        """Rotate `x` [b, h, n, d] by `offset` [b, n] positions; pure rotation (no attention scaling)."""
+        inv_freq = self.inv_freq.to(device=x.device, dtype=torch.float64)
+        rot = 2 * inv_freq.numel()
+        angles = offset.to(torch.float64)[:, None, :, None] * inv_freq  # [b, 1, n, rot/2]
+        cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+        x_rot, x_pass = x[..., :rot], x[..., rot:]
+        if self.interleaved:
+            cos, sin = cos.repeat_interleave(2, -1), sin.repeat_interleave(2, -1)
+            x1, x2 = x_rot[..., ::2], x_rot[..., 1::2]
+            turned = torch.stack((-x2, x1), dim=-1).flatten(-2)
+        else:
+            cos, sin = torch.cat((cos, cos), -1), torch.cat((sin, sin), -1)
+            x1, x2 = x_rot.chunk(2, dim=-1)
+            turned = torch.cat((-x2, x1), dim=-1)
+        out = x_rot * cos + turned * sin
+        return torch.cat((out, x_pass), dim=-1) if x_pass.shape[-1] else out
+
+
+@dataclass
+class Alibi:
+    """ALiBi slopes per query head: the bias of a pair at distance d is -slope * d."""
+
+    slopes: torch.Tensor  # [heads], positive
+
+
+def gptj_inv_freq(dim: int) -> torch.Tensor:
+    """GPT-J keeps only a sin/cos table; this is the frequency vector that table was built from."""
+    return 1.0 / (10000 ** (torch.arange(0, dim, 2, dtype=torch.int64) / dim))
+
+
+def mpt_slopes(n_heads: int, alibi_bias_max: float) -> torch.Tensor:
+    """MPT's slopes, recovered from the model's own ALiBi builder (bias of the key one step back)."""
+    from transformers.models.mpt.modeling_mpt import build_mpt_alibi_tensor
+
+    return -build_mpt_alibi_tensor(n_heads, 2, alibi_bias_max)[:, 0, 0].float()
+
+
+def bloom_slopes(n_heads: int) -> torch.Tensor:
+    from transformers.models.bloom.modeling_bloom import _get_alibi_slopes
+
+    return _get_alibi_slopes(n_heads, torch.device("cpu")).float()
+
+
+def is_finite(x: float) -> bool:
+    return x is not None and not math.isinf(x)

@@ -1,0 +1,148 @@
+"""A KV cache that keeps only what LM-Infinite can still attend to: the first g tokens and the last w.
+
+Keys stay at their original positions (they are stored already rotated), so local distances stay exact and
+feeding a text in chunks equals one forward over it. Slots are appended into a buffer with some slack and
+compacted after a forward once the slack is used, so per-token cost is an append, not a copy of the cache.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from transformers.cache_utils import Cache, DynamicLayer
+
+from .attention.kernel import Plan
+
+
+class LMInfiniteLayer(DynamicLayer):
+    """One layer's keys/values in a growable buffer; which slots survive is decided by the owning cache."""
+
+    def __init__(self, owner: LMInfiniteCache):
+        super().__init__()
+        self.owner = owner
+        self.used = 0
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.device = key_states.device
+        self.keys = key_states.new_empty(*key_states.shape[:2], 0, key_states.shape[-1])
+        self.values = value_states.new_empty(*value_states.shape[:2], 0, value_states.shape[-1])
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        n = key_states.shape[-2]
+        if self.used + n > self.keys.shape[-2]:
+            self._resize(self.used + n + self.owner.slack)
+        self.keys[:, :, self.used : self.used + n] = key_states
+        self.values[:, :, self.used : self.used + n] = value_states
+        self.used += n
+        return self.keys[:, :, : self.used], self.values[:, :, : self.used]
+
+    def _resize(self, capacity: int) -> None:
+        keys = self.keys.new_empty(*self.keys.shape[:2], capacity, self.keys.shape[-1])
+        values = self.values.new_empty(*self.values.shape[:2], capacity, self.values.shape[-1])
+        keys[:, :, : self.used] = self.keys[:, :, : self.used]
+        values[:, :, : self.used] = self.values[:, :, : self.used]
+        self.keys, self.values = keys, values
+
+    def keep(self, slots: torch.Tensor) -> None:
+        if not self.is_initialized:
+            return
+        m = slots.numel()
+        self.keys[:, :, :m] = self.keys[:, :, : self.used].index_select(2, slots)
+        self.values[:, :, :m] = self.values[:, :, : self.used].index_select(2, slots)
+        self.used = m
+        if self.keys.shape[-2] > 2 * (m + self.owner.slack):  # give back a long prompt's buffer
+            self._resize(m + self.owner.slack)
+
+    def get_seq_length(self) -> int:
+        return self.owner.seen  # positions continue from every token seen, kept or not
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.used + query_length, 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise NotImplementedError("LMInfiniteCache cannot be cropped (assisted decoding is not supported)")
+
+
+class LMInfiniteCache(Cache):
+    """Bounded cache for LM-Infinite; `apply_lm_infinite` makes `generate()` and `model(..., use_cache=True)`
+    use it. Memory is at most (first-g slots + n_local + slack) per layer, whatever the text length."""
+
+    def __init__(self, num_layers: int, n_global: int, n_local: float, slack: int | None = None):
+        super().__init__(layers=[LMInfiniteLayer(self) for _ in range(num_layers)])
+        self.n_global = n_global
+        self.n_local = n_local
+        self.slack = slack if slack is not None else (int(n_local) // 4 + 16 if math.isfinite(n_local) else 0)
+        self.seen = 0
+        self.pending = 0
+        self.n_head = 0  # kept slots before the contiguous tail (holding the first g tokens of every row)
+        self.slot_idx: torch.Tensor | None = None  # [b, S] real-token index of each slot
+        self.slot_valid: torch.Tensor | None = None  # [b, S]
+        self.real_count: torch.Tensor | None = None  # [b] real tokens seen per row
+
+    def begin(self, attention_mask: torch.Tensor | None, batch: int, n_new: int, device) -> Plan:
+        """Called before a forward: the layout of the keys every layer will see, new tokens appended."""
+        if self.slot_idx is None:
+            self.slot_idx = torch.zeros(batch, 0, dtype=torch.long, device=device)
+            self.slot_valid = torch.zeros(batch, 0, dtype=torch.bool, device=device)
+            self.real_count = torch.zeros(batch, dtype=torch.long, device=device)
+        if attention_mask is None:
+            new_valid = torch.ones(batch, n_new, dtype=torch.bool, device=device)
+        else:
+            new_valid = attention_mask[:, -n_new:].to(device=device, dtype=torch.bool)
+        new_idx = self.real_count[:, None] + new_valid.long().cumsum(1) - 1
+        self.slot_idx = torch.cat((self.slot_idx, new_idx), 1)
+        self.slot_valid = torch.cat((self.slot_valid, new_valid), 1)
+        self.real_count = self.real_count + new_valid.sum(1)
+        self.pending = n_new  # counted in `seen` after the forward: the model reads `seen` for positions
+        return make_plan(self.slot_idx, self.slot_valid, n_new, self.n_head, self.n_global)
+
+    def end(self) -> None:
+        """Called after a forward: once the slack is used up, drop the slots no later query can see."""
+        self.seen += self.pending
+        self.pending = 0
+        total = self.slot_idx.shape[1]
+        if not math.isfinite(self.n_local) or total <= self.n_head + self.n_local + self.slack:
+            return
+        tail = total - int(self.n_local)
+        is_global = (self.slot_valid & (self.slot_idx < self.n_global)).any(0)
+        keep = is_global.clone()
+        keep[tail:] = True
+        slots = keep.nonzero().squeeze(1)
+        self.n_head = int(is_global[:tail].sum())
+        self.slot_idx, self.slot_valid = self.slot_idx[:, slots], self.slot_valid[:, slots]
+        for layer in self.layers:
+            layer.keep(slots)
+
+    def reset(self) -> None:
+        super().reset()
+        for layer in self.layers:
+            layer.used = 0
+        self.seen, self.pending, self.n_head = 0, 0, 0
+        self.slot_idx = self.slot_valid = self.real_count = None
+
+
+def make_plan(k_idx: torch.Tensor, k_valid: torch.Tensor, n_q: int, layout_head: int, n_global: int) -> Plan:
+    """Head slots to scan = the layout's head, extended to cover every slot holding one of the first g tokens."""
+    is_global = (k_valid & (k_idx < n_global)).any(0).nonzero()
+    head = max(layout_head, int(is_global.max()) + 1 if is_global.numel() else 0)
+    return Plan(q_idx=k_idx[:, -n_q:], k_idx=k_idx, k_valid=k_valid, n_head_slots=head)
+
+
+def full_plan(
+    attention_mask: torch.Tensor | None, batch: int, n_q: int, n_past: int, n_global: int, device
+) -> Plan:
+    """Plan for keys that are every slot so far (no cache, or transformers' own full cache)."""
+    total = n_past + n_q
+    if attention_mask is None:
+        valid = torch.ones(batch, total, dtype=torch.bool, device=device)
+    else:
+        valid = attention_mask[:, -total:].to(device=device, dtype=torch.bool)
+    idx = valid.long().cumsum(1) - 1
+    return make_plan(idx, valid, n_q, 0, n_global)

@@ -1,0 +1,216 @@
+"""LM-Infinite core against the vanilla model, an independent O(n^2) reference, and across code paths."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from models import FAMILY_NAMES, L_PRE, VOCAB, lm_kwargs, tiny_model
+from reference import reference_attention
+
+import lminf_eval
+from lminf_eval import LMInfiniteCache, LMInfiniteError, apply_lm_infinite, remove_lm_infinite
+from lminf_eval import patch as patch_module
+
+ATOL = 1e-4
+G = 2  # n_global for the tiny models (w = L = L_PRE = 16)
+
+
+def logits(model, ids, mask=None, **kw):
+    with torch.no_grad():
+        return model(ids, attention_mask=mask, use_cache=False, **kw).logits
+
+
+@pytest.fixture
+def use_reference(monkeypatch):
+    """Run the patched model with the dense reference in the kernel's place."""
+    monkeypatch.setattr(patch_module, "lambda_attention", reference_attention)
+
+
+def left_padded(lengths, total, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, VOCAB, (len(lengths), total), generator=gen)
+    mask = torch.zeros(len(lengths), total, dtype=torch.long)
+    for row, n in enumerate(lengths):
+        mask[row, total - n :] = 1
+        ids[row, : total - n] = 0
+    return ids, mask
+
+
+@pytest.mark.parametrize("name", FAMILY_NAMES)
+def test_inside_window_equals_vanilla(name):
+    model = tiny_model(name)
+    ids = torch.randint(0, VOCAB, (2, L_PRE))
+    vanilla = logits(model, ids)
+    apply_lm_infinite(model, n_global=G, **lm_kwargs(name))
+    torch.testing.assert_close(logits(model, ids), vanilla, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("name", FAMILY_NAMES)
+def test_long_padded_batch_matches_reference_and_alone(name, monkeypatch):
+    model = apply_lm_infinite(tiny_model(name), n_global=G, **lm_kwargs(name))
+    n = 9 * L_PRE
+    ids, mask = left_padded([n, n - 23], n)
+    ours = logits(model, ids, mask)
+    alone = logits(model, ids[1:, 23:])
+    with monkeypatch.context() as m:
+        m.setattr(patch_module, "lambda_attention", reference_attention)
+        ref = logits(model, ids, mask)
+    real = mask.bool()
+    torch.testing.assert_close(ours[real], ref[real], atol=ATOL, rtol=0)
+    torch.testing.assert_close(ours[1, 23:], alone[0], atol=ATOL, rtol=0)
+    # the data must be able to tell the global tokens apart: otherwise this test could not fail
+    lminf_eval.configure(model, n_global=0)
+    assert (logits(model, ids, mask)[real] - ours[real]).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("name", FAMILY_NAMES)
+def test_chunked_through_cache_equals_one_forward(name):
+    model = apply_lm_infinite(tiny_model(name), n_global=G, **lm_kwargs(name))
+    n = 10 * L_PRE
+    ids, mask = left_padded([n, n - 5], n, seed=1)
+    whole = logits(model, ids, mask)
+    pieces, cache, start, peak = [], None, 0, 0
+    for size in [21, 1, 40, 3, 1, 1, 30, 17, 46]:
+        end = start + size
+        with torch.no_grad():
+            out = model(ids[:, start:end], attention_mask=mask[:, :end], cache=cache, use_cache=True)
+        cache = out.cache
+        assert isinstance(cache, LMInfiniteCache)
+        peak = max(peak, cache.layers[0].used)
+        pieces.append(out.logits)
+        start = end
+    assert start == n
+    real = mask.bool()
+    torch.testing.assert_close(torch.cat(pieces, 1)[real], whole[real], atol=ATOL, rtol=0)
+    # bounded: head (first g of each row, padding shifts them) + window + slack, never the whole text
+    assert peak <= (5 + G) + L_PRE + cache.slack + 46
+    assert cache.layers[0].used < n // 2
+
+
+def generate(model, ids, steps, **kw):
+    model.generation_config.eos_token_id = None  # random models emit "EOS" ids: decode a fixed length
+    with torch.no_grad():
+        return model.generate(
+            ids, max_new_tokens=steps, do_sample=False, pad_token_id=0, use_cache=True, **kw
+        )
+
+
+def greedy_by_reforward(model, ids, steps):
+    seq = ids
+    for _ in range(steps):
+        nxt = logits(model, seq)[:, -1].argmax(-1, keepdim=True)
+        seq = torch.cat((seq, nxt), 1)
+    return seq[:, ids.shape[1] :]
+
+
+@pytest.mark.parametrize("name", FAMILY_NAMES)
+def test_generate_through_cache_equals_reforward(name):
+    model = apply_lm_infinite(tiny_model(name), n_global=G, **lm_kwargs(name))
+    n, steps = 3 * L_PRE, 2 * L_PRE
+    ids, mask = left_padded([n, n - 4], n, seed=2)
+    caches = []
+    model.base_model.register_forward_hook(lambda mod, args, out: caches.append(type(out.cache)))
+    new = generate(model, ids, steps, attention_mask=mask)[:, n:]
+    assert caches and all(c is LMInfiniteCache for c in caches)
+    assert torch.equal(new[0:1], greedy_by_reforward(model, ids[0:1], steps))
+    assert torch.equal(new[1:2], greedy_by_reforward(model, ids[1:2, 4:], steps))
+
+
+PRESETS = {
+    "window": dict(n_global=0, limit_distance=math.inf),
+    "lambda-only": dict(n_global=G, limit_distance=math.inf),
+    "ceiling-only": dict(n_global=G, n_local=math.inf),
+}
+
+
+@pytest.mark.parametrize("preset", list(PRESETS))
+@pytest.mark.parametrize("name", ["llama", "gpt_neox", "gptj", "mpt", "bloom"])
+def test_ablation_presets_equal_reference(name, preset, monkeypatch):
+    kwargs = {**PRESETS[preset], **lm_kwargs(name)}
+    model = apply_lm_infinite(tiny_model(name), **kwargs)
+    ids, mask = left_padded([8 * L_PRE, 8 * L_PRE - 9], 8 * L_PRE, seed=3)
+    ours = logits(model, ids, mask)
+    monkeypatch.setattr(patch_module, "lambda_attention", reference_attention)
+    real = mask.bool()
+    torch.testing.assert_close(ours[real], logits(model, ids, mask)[real], atol=ATOL, rtol=0)
+
+
+def test_ceiling_only_differs_from_vanilla_past_the_window():
+    """Guards the reference itself: the ceiling must change scores that vanilla computes differently."""
+    model = tiny_model("llama")
+    ids = torch.randint(0, VOCAB, (1, 6 * L_PRE))
+    vanilla = logits(model, ids)
+    apply_lm_infinite(model, **PRESETS["ceiling-only"])
+    ours = logits(model, ids)
+    torch.testing.assert_close(ours[:, :L_PRE], vanilla[:, :L_PRE], atol=ATOL, rtol=0)
+    assert (ours[:, 2 * L_PRE :] - vanilla[:, 2 * L_PRE :]).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen3", "gptj", "mpt", "bloom"])
+def test_top_k_last_row_equals_reference(name, monkeypatch):
+    model = apply_lm_infinite(
+        tiny_model(name),
+        n_global=G,
+        top_k=3,
+        top_k_from_layer=1,
+        top_k_distance=L_PRE // 2,
+        **lm_kwargs(name),
+    )
+    ids, mask = left_padded([8 * L_PRE, 8 * L_PRE - 6], 8 * L_PRE, seed=4)
+    ours = logits(model, ids, mask)
+    lminf_eval.configure(model, top_k=0)
+    without = logits(model, ids, mask)
+    lminf_eval.configure(model, top_k=3)
+    assert (ours[:, -1] - without[:, -1]).abs().max() > 1e-3  # top-k changed the last row...
+    torch.testing.assert_close(ours[:, :-1], without[:, :-1], atol=0, rtol=0)  # ...and only it
+    monkeypatch.setattr(patch_module, "lambda_attention", reference_attention)
+    torch.testing.assert_close(ours[:, -1], logits(model, ids, mask)[:, -1], atol=ATOL, rtol=0)
+
+
+def test_top_k_generate_equals_reforward():
+    model = apply_lm_infinite(tiny_model("llama"), n_global=G, top_k=2, top_k_from_layer=1)
+    ids = torch.randint(1, VOCAB, (1, 5 * L_PRE))
+    out = generate(model, ids, 8)
+    assert torch.equal(out[:, ids.shape[1] :], greedy_by_reforward(model, ids, 8))
+
+
+@pytest.mark.parametrize("name", FAMILY_NAMES)
+def test_remove_restores_vanilla_exactly(name):
+    model = tiny_model(name)
+    ids = torch.randint(0, VOCAB, (1, L_PRE))
+    before = logits(model, ids)
+    apply_lm_infinite(model, n_global=G, **lm_kwargs(name))
+    logits(
+        model, torch.randint(0, VOCAB, (1, 4 * L_PRE))
+    )  # exercise the patched path (GPT-J grows its table)
+    remove_lm_infinite(model)
+    assert not hasattr(model, "lm_infinite")
+    assert torch.equal(logits(model, ids), before)
+
+
+def test_unsupported_model_is_one_line_error():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50))
+    with pytest.raises(LMInfiniteError) as err:
+        apply_lm_infinite(model)
+    message = str(err.value)
+    assert "\n" not in message and "'gpt2'" in message and "llama" in message and "mpt" in message
+
+
+def test_bad_arguments_are_one_line_errors():
+    model = tiny_model("llama")
+    with pytest.raises(LMInfiniteError, match="n_global"):
+        apply_lm_infinite(model, n_global=20, n_local=8)
+    with pytest.raises(LMInfiniteError, match="n_local"):
+        apply_lm_infinite(model, n_local=0)
+    with pytest.raises(LMInfiniteError, match="pretraining length"):
+        apply_lm_infinite(tiny_model("bloom"))
+
+
+def test_defaults_come_from_the_config():
+    model = apply_lm_infinite(tiny_model("llama"))
+    s = model.lm_infinite.settings
+    assert (s.n_global, s.n_local, s.limit_distance, s.top_k_distance) == (10, L_PRE, L_PRE, L_PRE // 2)
