@@ -135,9 +135,7 @@ def make_plan(k_idx: torch.Tensor, k_valid: torch.Tensor, n_q: int, layout_head:
     return Plan(q_idx=k_idx[:, -n_q:], k_idx=k_idx, k_valid=k_valid, n_head_slots=head)
 
 
-def full_plan(
-    attention_mask: torch.Tensor | None, batch: int, n_q: int, n_past: int, n_global: int, device
-) -> Plan:
+def full_plan(attention_mask: torch.Tensor | None, batch: int, n_q: int, n_past: int, n_global: int, device) -> Plan:
     """Plan for keys that are every slot so far (no cache, or transformers' own full cache)."""
     total = n_past + n_q
     if attention_mask is None:

@@ -192,9 +192,7 @@ def lm_infinite_attention(module, query, key, value, attention_mask, scaling=Non
     state: State = module.lm_infinite_state
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
-    out = lambda_attention(
-        query, key, value, state.plan, state.settings, state.position, scaling, module.layer_idx
-    )
+    out = lambda_attention(query, key, value, state.plan, state.settings, state.position, scaling, module.layer_idx)
     return out.transpose(1, 2).contiguous(), None
 
 
@@ -267,9 +265,7 @@ def _mpt_forward(self, hidden_states, position_bias=None, cache=None, attention_
     if cache is not None:
         k, v = cache.update(k, v, self.layer_idx)
     state: State = self.lm_infinite_state
-    out = lambda_attention(
-        q, k, v, state.plan, state.settings, state.position, self.softmax_scale, self.layer_idx
-    )
+    out = lambda_attention(q, k, v, state.plan, state.settings, state.position, self.softmax_scale, self.layer_idx)
     return self.out_proj(out.transpose(1, 2).reshape(b, n, -1)), None
 
 
@@ -280,9 +276,7 @@ def _bloom_forward(self, hidden_states, residual, alibi=None, attention_mask=Non
     if layer_past is not None:
         k, v = layer_past.update(k, v, self.layer_idx)
     state: State = self.lm_infinite_state
-    out = lambda_attention(
-        q, k, v, state.plan, state.settings, state.position, self.inv_norm_factor, self.layer_idx
-    )
+    out = lambda_attention(q, k, v, state.plan, state.settings, state.position, self.inv_norm_factor, self.layer_idx)
     b, _, n, _ = out.shape
     out = self.dense(out.transpose(1, 2).reshape(b, n, -1))
     return dropout_add(out, residual, self.hidden_dropout, self.training), None

