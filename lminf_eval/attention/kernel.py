@@ -69,24 +69,11 @@ def lambda_attention(
         block = min(n_q, max(16, SCORE_BUDGET // max(1, b * hq * (span + 64))))
     for s in range(0, n_q, block):
         e = min(n_q, s + block)
-        hi = first + e
-        lo = max(head, first + s - int(w) + 1) if math.isfinite(w) else head
-        if lo <= head:
-            sel = slice(0, hi)
-            kb, vb, ki, kv = key[:, :, sel], value[:, :, sel], plan.k_idx[:, sel], plan.k_valid[:, sel]
-        else:
-            kb = torch.cat((key[:, :, :head], key[:, :, lo:hi]), 2)
-            vb = torch.cat((value[:, :, :head], value[:, :, lo:hi]), 2)
-            ki = torch.cat((plan.k_idx[:, :head], plan.k_idx[:, lo:hi]), 1)
-            kv = torch.cat((plan.k_valid[:, :head], plan.k_valid[:, lo:hi]), 1)
         qb, qi = query[:, :, s:e], plan.q_idx[:, s:e]
-        mid = slice(lo + (e - s) - 1, first + s)  # window keys that every query of the block sees
-        if fused and isinstance(position, Rope) and mid.stop - mid.start >= e - s and plan.k_valid[:, lo:hi].all():
-            # steady state: the bulk of the window needs no mask at all; only the edges do
+        edge = _split_unmasked(plan, head, first + s, first + e, w) if fused and isinstance(position, Rope) else None
+        if edge is not None:  # most of the window is seen by every query of the block: no mask there
+            mid, edge = edge
             o1, l1 = _flash(qb, key[:, :, mid], value[:, :, mid], None, scaling)
-            edge = torch.cat((torch.arange(head), torch.arange(lo, mid.start), torch.arange(mid.stop, hi))).to(
-                key.device
-            )
             o2, l2 = _fused_block(
                 qb,
                 key[:, :, edge],
@@ -99,13 +86,33 @@ def lambda_attention(
                 scaling,
             )
             out[:, :, s:e] = _merge(o1, l1, o2, l2)[0].to(out.dtype)
-        elif fused:
+            continue
+        lo = max(head, first + s - int(w) + 1) if math.isfinite(w) else head
+        keys = torch.cat((torch.arange(head), torch.arange(lo, first + e))) if lo > head else slice(0, first + e)
+        kb, vb, ki, kv = key[:, :, keys], value[:, :, keys], plan.k_idx[:, keys], plan.k_valid[:, keys]
+        if fused:
             out[:, :, s:e] = _fused_block(qb, kb, vb, qi, ki, kv, cfg, position, scaling)[0].to(out.dtype)
         else:
             out[:, :, s:e] = _attend(_scores(qb, kb, qi, ki, kv, cfg, position, scaling), vb).to(out.dtype)
     if cfg.top_k and layer_idx >= cfg.top_k_from_layer:
         out[:, :, -1:] = _last_row_with_top_k(query[:, :, -1:], key, value, plan, cfg, position, scaling)
     return out
+
+
+def _split_unmasked(plan: Plan, head: int, q_lo: int, q_hi: int, w: float):
+    """For queries in key slots [q_lo, q_hi): (slots every one of them sees with an ordinary score, the other
+    slots that may be visible), or None when that split does not apply (padding, or too small to pay)."""
+    m0 = max(q_hi - int(w), 0) if math.isfinite(w) else 0  # the oldest key still inside the last query's window
+    if m0 >= head:  # steady state: head slots and the window's left edge stay masked
+        lo = max(head, q_lo - int(w) + 1)
+        edge = torch.cat((torch.arange(head), torch.arange(lo, m0), torch.arange(q_lo, q_hi)))
+    elif m0 == 0:  # window not yet full: every earlier key is near every query
+        edge = torch.arange(q_lo, q_hi)
+    else:
+        return None
+    if q_lo - m0 < max(1, (q_hi - q_lo) // 2) or not bool(plan.k_valid[:, m0:q_lo].all()):
+        return None
+    return slice(m0, q_lo), edge.to(plan.k_idx.device)
 
 
 def _ceiling_only_in_head(cfg: Settings, position) -> bool:
