@@ -9,11 +9,13 @@ from pathlib import Path
 
 import torch
 
+from .errors import UserError
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 MODEL_DIR = REPO_ROOT / "models"
 
 
-class ModelError(ValueError):
+class ModelError(UserError):
     """A model that cannot be found or loaded; the message is one line and names the fix."""
 
 

@@ -22,6 +22,7 @@ from transformers.masking_utils import AttentionMaskInterface
 from .attention.kernel import Plan, Settings, lambda_attention
 from .attention.positions import Alibi, Rope, bloom_slopes, gptj_inv_freq, mpt_slopes
 from .cache import LMInfiniteCache, full_plan
+from .errors import UserError
 
 IMPLEMENTATION = "lm_infinite"
 
@@ -40,7 +41,7 @@ FAMILIES = {
 LENGTH_KEYS = ("max_position_embeddings", "max_seq_len", "n_positions", "seq_length", "n_ctx")
 
 
-class LMInfiniteError(ValueError):
+class LMInfiniteError(UserError):
     """A bad argument or an unsupported model; the message is one line and names the fix."""
 
 

@@ -65,6 +65,20 @@ def test_long_padded_batch_matches_reference_and_alone(name, monkeypatch):
     assert (logits(model, ids, mask)[real] - ours[real]).abs().max() > 1e-2
 
 
+@pytest.mark.parametrize("name", ["llama", "gptj", "mpt"])
+def test_plain_math_path_matches_reference(name, monkeypatch):
+    """The path used off-CPU (no fused kernel): same semantics, checked against the reference here."""
+    from lminf_eval.attention import kernel
+
+    model = apply_lm_infinite(tiny_model(name), n_global=G, **lm_kwargs(name))
+    ids, mask = left_padded([7 * L_PRE, 7 * L_PRE - 3], 7 * L_PRE, seed=5)
+    monkeypatch.setattr(kernel, "FUSED_CPU", False)
+    ours = logits(model, ids, mask)
+    monkeypatch.setattr(patch_module, "lambda_attention", reference_attention)
+    real = mask.bool()
+    torch.testing.assert_close(ours[real], logits(model, ids, mask)[real], atol=ATOL, rtol=0)
+
+
 @pytest.mark.parametrize("name", FAMILY_NAMES)
 def test_chunked_through_cache_equals_one_forward(name):
     model = apply_lm_infinite(tiny_model(name), n_global=G, **lm_kwargs(name))

@@ -26,23 +26,33 @@ class Rope:
     def inv_freq(self) -> torch.Tensor:
         return self.source.inv_freq if self.source is not None else self.fixed_inv_freq
 
-    def rotate(self, x: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
-        """Rotate `x` [b, h, n, d] by `offset` [b, n] positions; pure rotation (no attention scaling)."""
-        inv_freq = self.inv_freq.to(device=x.device, dtype=torch.float64)
-        rot = 2 * inv_freq.numel()
+    def rotation(self, offset: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin [b, 1, n, rot] turning each position by `offset` [b, n]; angles in float64, so offsets
+        of a million tokens keep their precision."""
+        inv_freq = self.inv_freq.to(device=offset.device, dtype=torch.float64)
         angles = offset.to(torch.float64)[:, None, :, None] * inv_freq  # [b, 1, n, rot/2]
-        cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+        cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
+        if self.interleaved:
+            return cos.repeat_interleave(2, -1), sin.repeat_interleave(2, -1)
+        return torch.cat((cos, cos), -1), torch.cat((sin, sin), -1)
+
+    def apply(self, x: torch.Tensor, turn: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """Rotate the rotary dims of `x` [b, h, n, d]; the rest (partial rotary) pass through."""
+        cos, sin = turn
+        rot = cos.shape[-1]
         x_rot, x_pass = x[..., :rot], x[..., rot:]
         if self.interleaved:
-            cos, sin = cos.repeat_interleave(2, -1), sin.repeat_interleave(2, -1)
             x1, x2 = x_rot[..., ::2], x_rot[..., 1::2]
             turned = torch.stack((-x2, x1), dim=-1).flatten(-2)
         else:
-            cos, sin = torch.cat((cos, cos), -1), torch.cat((sin, sin), -1)
             x1, x2 = x_rot.chunk(2, dim=-1)
             turned = torch.cat((-x2, x1), dim=-1)
         out = x_rot * cos + turned * sin
         return torch.cat((out, x_pass), dim=-1) if x_pass.shape[-1] else out
+
+    def rotate(self, x: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+        """Rotate `x` [b, h, n, d] by `offset` [b, n] positions; a pure rotation (no attention scaling)."""
+        return self.apply(x, self.rotation(offset, x.dtype))
 
 
 @dataclass

@@ -1,0 +1,5 @@
+"""User-facing errors: the CLI prints them as one line on stderr and exits with code 2."""
+
+
+class UserError(ValueError):
+    """Bad input that the user can fix; the message names the fix."""

@@ -1,0 +1,37 @@
+"""`lminf-eval report`: paper-style tables from results folders (methods as rows, lengths as columns),
+one table per command, dataset and metric; runs of several models stack their rows."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+
+from .errors import UserError
+from .results import to_markdown
+
+
+def load_run(path: Path) -> dict:
+    file = path / "results.json" if path.is_dir() else path
+    if not file.exists():
+        raise UserError(f"{path} holds no results.json: pass a folder written by an lminf-eval command")
+    return json.loads(file.read_text())
+
+
+def build_report(paths: list[Path]) -> str:
+    groups: dict[tuple, list[pd.DataFrame]] = {}
+    for path in paths:
+        run = load_run(path)
+        cfg = run["config"]
+        for name, split in run.get("tables", {}).items():
+            df = pd.DataFrame(split["data"], index=split["index"], columns=split["columns"])
+            df.index = [f"{cfg['model']} {label}" if len(paths) > 1 else label for label in df.index]
+            df.index.name = "method"
+            groups.setdefault((run["command"], cfg["dataset"], name), []).append(df)
+    if not groups:
+        raise UserError("no tables found in the given results folders")
+    parts = []
+    for (command, dataset, name), frames in groups.items():
+        parts.append(f"### {command}: {name} ({dataset})\n\n{to_markdown(pd.concat(frames))}")
+    return "\n\n".join(parts)

@@ -1,0 +1,68 @@
+"""What a task provides to the shared runner (lminf_eval/runner.py)."""
+
+from __future__ import annotations
+
+import pandas as pd
+import torch
+
+
+class Task:
+    name = ""
+    default_n_global = 100  # paper: 100 for perplexity and generation, 10 for passkey and streams
+    default_lengths = "0.5x,1x,2x,4x,8x,16x,32x"
+
+    def prepare(self, ctx) -> None:
+        """Load data, validate lengths; called once before cells are listed."""
+
+    def cells(self, ctx) -> list:
+        raise NotImplementedError
+
+    def run_cell(self, ctx, cell) -> dict:
+        raise NotImplementedError
+
+    def summarize(self, ctx, rows: list[dict]) -> tuple[dict, dict[str, pd.DataFrame]]:
+        raise NotImplementedError
+
+    def plots(self, ctx, rows: list[dict]) -> None:
+        """PNG figures into the run folder, where a curve says more than a table."""
+
+
+def labels(ctx) -> list[str]:
+    return [m.label for m in ctx.methods]
+
+
+def ok_rows(rows: list[dict]) -> list[dict]:
+    return [r for r in rows if r["status"] == "ok"]
+
+
+def method_table(values: dict, rows: list[str], columns, index_name="method", oom: set | None = None) -> pd.DataFrame:
+    """{(row, column): value} -> rows in the given order (methods, in run order); missing cells are NaN,
+    or 'OOM' where the cell ran out of memory."""
+    df = pd.DataFrame(index=pd.Index(rows, name=index_name), columns=[str(c) for c in columns], dtype=object)
+    for (label, col), value in values.items():
+        if label in rows:
+            df.loc[label, str(col)] = value
+    for label, col in oom or ():
+        if label in rows and str(col) in df.columns and pd.isna(df.loc[label, str(col)]):
+            df.loc[label, str(col)] = "OOM"
+    return df.where(df.notna(), float("nan"))
+
+
+def truncated(method, ids: torch.Tensor, l_pre: int) -> torch.Tensor:
+    """The paper's Table 2 baseline keeps only the last L_pre tokens, re-encoded."""
+    return ids[..., -l_pre:] if method.name == "truncate" else ids
+
+
+def greedy(model, ids: torch.Tensor, new_tokens: int, pad_token_id: int | None) -> torch.Tensor:
+    """Exactly `new_tokens` greedy tokens (EOS suppressed until then), through the method's own cache."""
+    with torch.no_grad():
+        out = model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            use_cache=True,
+            pad_token_id=pad_token_id,
+        )
+    return out[0, ids.shape[1] :]

@@ -1,0 +1,79 @@
+"""Generation quality after long prefixes (paper Table 3): at each milestone position p, greedily generate
+`--new-tokens` (default 100) from tokens [0, p) and score them against the document's own tokens
+[p, p + new_tokens) with corpus BLEU (sacrebleu) and ROUGE-1/2/L F1 (rouge-score)."""
+
+from __future__ import annotations
+
+import sacrebleu
+import torch
+from rouge_score import rouge_scorer
+
+from lminf_eval.data import load_documents
+from lminf_eval.runner import Cell
+
+from .base import Task, greedy, labels, method_table, ok_rows, truncated
+
+ROUGE = ("rouge1", "rouge2", "rougeL")
+
+
+def score(hypotheses: list[str], references: list[str]) -> dict:
+    """Corpus BLEU over all pairs; ROUGE F1 averaged over pairs; all on a 0-100 scale."""
+    scorer = rouge_scorer.RougeScorer(list(ROUGE), use_stemmer=False)
+    rouge = {k: 0.0 for k in ROUGE}
+    for hyp, ref in zip(hypotheses, references):
+        for k, v in scorer.score(ref, hyp).items():
+            rouge[k] += v.fmeasure
+    n = max(1, len(hypotheses))
+    return {"bleu": sacrebleu.corpus_bleu(hypotheses, [references]).score, **{k: 100 * v / n for k, v in rouge.items()}}
+
+
+class Generation(Task):
+    name = "generate"
+    default_n_global = 100
+    default_lengths = "0.5x,1x,2x,4x"
+
+    def new_tokens(self, ctx) -> int:
+        return ctx.cfg.new_tokens or 100
+
+    def prepare(self, ctx) -> None:
+        cfg = ctx.cfg
+        need = max(ctx.lengths) + self.new_tokens(ctx)
+        ctx.extra["docs"] = load_documents(
+            cfg.dataset, ctx.tokenizer, cfg.num_docs, max(cfg.min_tokens or 0, need), need, cfg.text_field, cfg.split
+        )
+
+    def cells(self, ctx) -> list[Cell]:
+        return [
+            Cell({"method": m.label, "doc": d.id, "position": p}, m, d, p)
+            for m in ctx.methods
+            for d in ctx.extra["docs"]
+            for p in ctx.lengths
+        ]
+
+    def run_cell(self, ctx, cell) -> dict:
+        p, n = cell.key["position"], self.new_tokens(ctx)
+        ids = cell.data.ids
+        prefix = truncated(cell.method, torch.tensor([ids[:p]], device=ctx.device), ctx.l_pre)
+        pad = ctx.tokenizer.pad_token_id if ctx.tokenizer.pad_token_id is not None else ctx.tokenizer.eos_token_id
+        out = greedy(ctx.model, prefix, n, pad)
+        decode = ctx.tokenizer.decode
+        return {
+            "hypothesis": decode(out, skip_special_tokens=True),
+            "reference": decode(ids[p : p + n], skip_special_tokens=True),
+        }
+
+    def summarize(self, ctx, rows):
+        groups: dict = {}
+        for r in ok_rows(rows):
+            c = r["cell"]
+            groups.setdefault((c["method"], c["position"]), ([], []))
+            groups[c["method"], c["position"]][0].append(r["hypothesis"])
+            groups[c["method"], c["position"]][1].append(r["reference"])
+        oom = {(r["cell"]["method"], r["cell"]["position"]) for r in rows if r["status"] == "oom"}
+        scores = {key: score(h, ref) for key, (h, ref) in groups.items()}
+        metrics = {m: {str(p): s for (mm, p), s in scores.items() if mm == m} for m in labels(ctx)}
+        tables = {
+            metric: method_table({k: v[metric] for k, v in scores.items()}, labels(ctx), ctx.lengths, oom=oom)
+            for metric in ("bleu", *ROUGE)
+        }
+        return metrics, tables

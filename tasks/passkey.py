@@ -1,0 +1,164 @@
+"""Passkey retrieval (paper Table 2): a number hidden in filler text, asked for at the end.
+
+`--distractors K` adds K decoy needles carrying other numbers under other names, and the question names
+the true one (RULER's multi-key needle task). Keys, names and positions are drawn from `--seed`.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+
+import numpy as np
+import torch
+
+from lminf_eval.errors import UserError
+from lminf_eval.runner import Cell
+
+from .base import Task, greedy, labels, method_table, ok_rows, truncated
+
+PREFIX = (
+    "There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
+    "I will quiz you about the important information there."
+)
+FILLER = " The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
+NEEDLE = " The pass key is {key}. Remember it. {key} is the pass key."
+QUESTION = " What is the pass key? The pass key is"
+NAMED_NEEDLE = " The pass key of {name} is {key}. Remember it. {key} is the pass key of {name}."
+NAMED_QUESTION = " What is the pass key of {name}? The pass key of {name} is"
+NAMES = ["Alice", "Bruno", "Chiara", "Dmitri", "Elena", "Farid", "Greta", "Hiro", "Ines", "Jonas", "Kemal", "Lena"]
+
+
+def make_prompt(tokenizer, length: int, depth: float, rng: random.Random, distractors: int = 0):
+    """-> (token ids of about `length` tokens, key as string, needle depth used). Depth 0 puts the needle
+    right after the prefix, 1 right before the question."""
+    key = str(rng.randint(1, 9_999_999))
+    if distractors:
+        names = rng.sample(NAMES, distractors + 1)
+        decoys = [NAMED_NEEDLE.format(name=n, key=rng.randint(1, 9_999_999)) for n in names[1:]]
+        needle, question = NAMED_NEEDLE.format(name=names[0], key=key), NAMED_QUESTION.format(name=names[0])
+    else:
+        decoys, needle, question = [], NEEDLE.format(key=key), QUESTION
+
+    def count(text: str) -> int:
+        return len(tokenizer(text, add_special_tokens=False).input_ids)
+
+    fixed = count(PREFIX + needle + question + "".join(decoys)) + 2
+    slots = max(1, (length - fixed) // count(FILLER))
+    pieces = [FILLER] * slots
+    for decoy in decoys:  # decoys anywhere, the true needle at its depth
+        pieces.insert(rng.randint(0, len(pieces)), decoy)
+    pieces.insert(round(depth * len(pieces)), needle)
+    ids = tokenizer(PREFIX + "".join(pieces) + question, add_special_tokens=True).input_ids
+    return ids, key
+
+
+def first_integer(text: str) -> str | None:
+    match = re.search(r"\d+", text)
+    return match.group(0) if match else None
+
+
+class Passkey(Task):
+    name = "passkey"
+    default_n_global = 10
+    default_lengths = "1x,1.5x,2x"
+
+    def prepare(self, ctx) -> None:
+        cfg = ctx.cfg
+        if cfg.distractors < 0 or cfg.distractors >= len(NAMES):
+            raise UserError(f"--distractors must be between 0 and {len(NAMES) - 1}")
+        try:
+            ctx.extra["depths"] = [float(d) for d in cfg.depths.split(",")] if cfg.depths else [None]
+        except ValueError:
+            raise UserError(f"cannot parse --depths {cfg.depths!r}: use fractions like 0,0.25,0.5,0.75,1") from None
+        if any(d is not None and not 0 <= d <= 1 for d in ctx.extra["depths"]):
+            raise UserError("--depths must lie between 0 and 1")
+
+    def cells(self, ctx) -> list[Cell]:
+        cells = []
+        for m in ctx.methods:
+            for length in ctx.lengths:
+                for depth in ctx.extra["depths"]:
+                    for i in range(ctx.cfg.num_samples):
+                        key = {"method": m.label, "length": length, "depth": depth, "sample": i}
+                        cells.append(Cell(key, m, None, length))
+        return cells
+
+    def run_cell(self, ctx, cell) -> dict:
+        k = cell.key
+        # the prompt depends on (seed, length, depth, sample) only, so every method sees the same one
+        rng = random.Random(f"{ctx.cfg.seed}-{k['length']}-{k['depth']}-{k['sample']}")
+        depth = k["depth"] if k["depth"] is not None else rng.random()
+        ids, key = make_prompt(ctx.tokenizer, k["length"], depth, rng, ctx.cfg.distractors)
+        prompt = truncated(cell.method, torch.tensor([ids], device=ctx.device), ctx.l_pre)
+        pad = ctx.tokenizer.pad_token_id if ctx.tokenizer.pad_token_id is not None else ctx.tokenizer.eos_token_id
+        out = greedy(ctx.model, prompt, ctx.cfg.new_tokens or 10, pad)
+        answer = ctx.tokenizer.decode(out, skip_special_tokens=True)
+        return {
+            "prompt_tokens": len(ids),
+            "depth_used": round(depth, 4),
+            "key": key,
+            "answer": answer,
+            "correct": first_integer(answer) == key,
+        }
+
+    def summarize(self, ctx, rows):
+        acc, by_depth, counts = {}, {}, {}
+        oom = {(r["cell"]["method"], r["cell"]["length"]) for r in rows if r["status"] == "oom"}
+        for r in ok_rows(rows):
+            c = r["cell"]
+            counts.setdefault((c["method"], c["length"]), []).append(r["correct"])
+            d = "random" if c["depth"] is None else c["depth"]
+            counts.setdefault((c["method"], c["length"], d), []).append(r["correct"])
+        for key, vals in counts.items():
+            (acc if len(key) == 2 else by_depth)[key] = 100.0 * sum(vals) / len(vals)
+        table = method_table(acc, labels(ctx), ctx.lengths, oom=oom)
+        table["avg"] = table.apply(lambda row: np.nanmean([v for v in row if isinstance(v, float)] or [np.nan]), axis=1)
+        metrics = {m.label: {str(L): acc.get((m.label, L)) for L in ctx.lengths} for m in ctx.methods}
+        tables = {"passkey_accuracy": table}
+        depths = sorted({k[2] for k in by_depth}, key=str)
+        if len(depths) > 1:
+            for m in ctx.methods:
+                rows_d = {(str(d), L): by_depth.get((m.label, L, d)) for d in depths for L in ctx.lengths}
+                df = method_table(
+                    {k: v for k, v in rows_d.items() if v is not None},
+                    [str(d) for d in depths],
+                    ctx.lengths,
+                    index_name="depth",
+                )
+                tables[f"passkey_depth_{_slug(m.label)}"] = df
+                metrics[m.label]["by_depth"] = {f"{d}@{L}": v for (d, L), v in rows_d.items()}
+        return metrics, tables
+
+    def plots(self, ctx, rows) -> None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        depths = ctx.extra.get("depths", [None])
+        if len(depths) < 2:
+            return
+        for m in ctx.methods:
+            grid = np.full((len(depths), len(ctx.lengths)), np.nan)
+            for r in ok_rows(rows):
+                c = r["cell"]
+                if c["method"] == m.label:
+                    i, j = depths.index(c["depth"]), ctx.lengths.index(c["length"])
+                    grid[i, j] = (0 if np.isnan(grid[i, j]) else grid[i, j]) + r["correct"]
+            grid = 100 * grid / ctx.cfg.num_samples
+            fig, ax = plt.subplots(figsize=(1.2 * len(ctx.lengths) + 2, 0.6 * len(depths) + 1.5))
+            im = ax.imshow(grid, vmin=0, vmax=100, cmap="RdYlGn", aspect="auto")
+            ax.set_xticks(range(len(ctx.lengths)), [str(L) for L in ctx.lengths])
+            ax.set_yticks(range(len(depths)), [str(d) for d in depths])
+            ax.set_xlabel("prompt tokens")
+            ax.set_ylabel("needle depth")
+            ax.set_title(f"passkey accuracy %: {m.label}")
+            fig.colorbar(im)
+            fig.tight_layout()
+            fig.savefig(ctx.run.path / f"passkey_heatmap_{_slug(m.label)}.png", dpi=110)
+            plt.close(fig)
+
+
+def _slug(label: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", label)
