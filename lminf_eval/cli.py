@@ -185,7 +185,18 @@ def report(
         output.write_text(text + "\n")
 
 
+def quiet_libraries() -> None:
+    """Our progress bar and tables are the output; silence the libraries' own bars and notices."""
+    import datasets
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    datasets.disable_progress_bars()
+
+
 def main() -> None:
+    quiet_libraries()
     app()
 
 

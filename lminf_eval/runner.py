@@ -126,6 +126,10 @@ def execute(task, cfg: RunConfig) -> Path:
         "top_k_from_layer": cfg.top_k_from_layer,
         "top_k_distance": cfg.top_k_distance,
     }
+    for method in ctx.methods:  # bad settings or an unsupported model fail now, not after hours of vanilla
+        if method.patched:
+            with applied(model, method, ctx.defaults, l_pre):
+                pass
     task.prepare(ctx)
     cells = task.cells(ctx)
     done = run.finished() if cfg.resume else set()
