@@ -49,8 +49,9 @@ def prefill_cell(method: str, n: int, queue) -> None:
         t = time.perf_counter()
         model(ids, use_cache=False, logits_to_keep=1)
         seconds = time.perf_counter() - t
-    queue.put({"kind": "prefill", "method": method, "n": n, "seconds": seconds, "peak_rss_mb": rss_mb(),
-               "model_rss_mb": base})
+    queue.put(
+        {"kind": "prefill", "method": method, "n": n, "seconds": seconds, "peak_rss_mb": rss_mb(), "model_rss_mb": base}
+    )
 
 
 def filled_cache(model, method: str, n: int):
@@ -120,7 +121,9 @@ def kernel_cell(method: str, n: int, queue) -> None:
         lambda_attention(q, k, v, plan, Settings(g, w, w), Rope(Freq(), None, False), 0.125)
         pairs = sum(min(i + 1, w) + (g if i >= w else 0) for i in range(n))
     seconds = time.perf_counter() - t
-    queue.put({"kind": "kernel", "method": method, "n": n, "seconds": seconds, "gpairs_per_s": 9 * pairs / seconds / 1e9})
+    queue.put(
+        {"kind": "kernel", "method": method, "n": n, "seconds": seconds, "gpairs_per_s": 9 * pairs / seconds / 1e9}
+    )
 
 
 def run(cell, *args) -> dict:
@@ -162,9 +165,13 @@ def table(results: list[dict]) -> str:
     lines.append("")
     for method in ("vanilla", "lm-infinite"):
         if (method, 8192) in pre and (method, 32768) in pre:
-            lines.append(f"- {method}: prefill time per token at 32k / at 8k = {pre[method, 32768] / pre[method, 8192]:.2f}x")
+            lines.append(
+                f"- {method}: prefill time per token at 32k / at 8k = {pre[method, 32768] / pre[method, 8192]:.2f}x"
+            )
         if (method, 8192) in dec and (method, 32768) in dec:
-            lines.append(f"- {method}: decode time per token at 32k / at 8k = {dec[method, 32768] / dec[method, 8192]:.2f}x")
+            lines.append(
+                f"- {method}: decode time per token at 32k / at 8k = {dec[method, 32768] / dec[method, 8192]:.2f}x"
+            )
     return "\n".join(lines)
 
 
@@ -187,12 +194,18 @@ def main() -> None:
             results.append(run(prefill_cell, method, n))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    meta = {"command": " ".join(["python"] + sys.argv), "machine": platform.platform(), "cpus": torch.get_num_threads(),
-            "torch": torch.__version__, "model": MODEL}
+    meta = {
+        "command": " ".join(["python"] + sys.argv),
+        "machine": platform.platform(),
+        "cpus": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "model": MODEL,
+    }
     (out / "core.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1))
     md = table(results)
-    (out / "core.md").write_text(f"Command: `{meta['command']}` on {meta['machine']}, {meta['cpus']} threads, "
-                                 f"torch {meta['torch']}\n\n{md}\n")
+    (out / "core.md").write_text(
+        f"Command: `{meta['command']}` on {meta['machine']}, {meta['cpus']} threads, torch {meta['torch']}\n\n{md}\n"
+    )
     print(md)
 
 

@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any
 
 import typer
-from click.core import ParameterSource
 
 from .config import RunConfig, read_config_file
 from .errors import UserError
@@ -122,7 +121,8 @@ def _collect(command: str, ctx: typer.Context, kwargs: dict) -> RunConfig:
     for name, value in kwargs.items():
         if name == "config":
             continue
-        from_cli = ctx.get_parameter_source(name) not in (ParameterSource.DEFAULT, None)
+        source = ctx.get_parameter_source(name)  # compared by name: typer and click may differ in enum class
+        from_cli = source is not None and source.name not in ("DEFAULT", "DEFAULT_MAP")
         if not from_cli and name in file_values:
             value = file_values[name]
         if value is not None and value != []:
@@ -136,6 +136,7 @@ def _make_command(command: str):
         from .runner import execute
         from .tasks import TASKS
 
+        quiet_libraries()
         try:
             execute(TASKS[command], _collect(command, ctx, kwargs))
         except UserError as err:
@@ -196,7 +197,6 @@ def quiet_libraries() -> None:
 
 
 def main() -> None:
-    quiet_libraries()
     app()
 
 

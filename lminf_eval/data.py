@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
-import socket
 from dataclasses import dataclass
-from functools import cache
 from pathlib import Path
 
 from .errors import UserError
-from .models import REPO_ROOT
+from .models import REPO_ROOT, hub_reachable
 
 
 @dataclass(frozen=True)
@@ -44,17 +41,6 @@ class Document:
     ids: list[int]  # token ids, truncated to the longest length the run needs
 
 
-@cache
-def hub_reachable() -> bool:
-    if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1":
-        return False
-    try:
-        socket.create_connection(("huggingface.co", 443), timeout=3).close()
-        return True
-    except OSError:
-        return False
-
-
 def _local_texts(path: Path, text_field: str):
     files = sorted(p for p in path.rglob("*") if p.suffix in (".txt", ".jsonl")) if path.is_dir() else [path]
     for file in files:
@@ -70,12 +56,16 @@ def _local_texts(path: Path, text_field: str):
             yield file.stem, file.read_text(encoding="utf-8", errors="replace")
 
 
-def _hub_texts(entry: DatasetEntry, name: str):
+def _require_hub(name: str) -> None:
     if not hub_reachable():
         raise UserError(
             f"dataset {name!r} needs the Hugging Face hub, which this machine cannot reach: "
             "pass a local .jsonl/.txt file or directory (or a shipped sample: arxiv-sample, web-sample)"
         )
+
+
+def _hub_texts(entry: DatasetEntry, name: str):
+    _require_hub(name)
     import datasets
 
     try:
@@ -105,6 +95,15 @@ def resolve_dataset(name: str, text_field: str | None = None, split: str | None 
             )
     overrides = {k: v for k, v in (("text_field", text_field), ("split", split)) if v}
     return DatasetEntry(**{**entry.__dict__, **overrides})
+
+
+def check_dataset(name: str, text_field: str | None = None, split: str | None = None) -> None:
+    """Fail before a model loads: unknown names, unbuilt samples, or a hub dataset on an offline machine."""
+    entry = resolve_dataset(name, text_field, split)
+    if entry.kind == "hub":
+        _require_hub(name)
+    else:
+        iter_texts(name, entry)
 
 
 def iter_texts(name: str, entry: DatasetEntry):

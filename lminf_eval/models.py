@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import socket
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 
 import torch
@@ -38,6 +40,17 @@ REGISTRY: dict[str, Entry] = {
     "gpt-j-6b": Entry("hub", "EleutherAI/gpt-j-6b", "paper Table 1", 2048),
     "mpt-7b": Entry("hub", "mosaicml/mpt-7b", "paper Table 1 (config says 2048)", 2048),
 }
+
+
+@cache
+def hub_reachable() -> bool:
+    if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1":
+        return False
+    try:
+        socket.create_connection(("huggingface.co", 443), timeout=3).close()
+        return True
+    except OSError:
+        return False
 
 
 def cache_dir() -> Path:
@@ -84,13 +97,6 @@ def load_gguf(path: Path, name: str, dtype: torch.dtype):
     return model, tokenizer
 
 
-def resolve(name: str) -> tuple[str, Entry | None]:
-    """Registry names first, then paths, then hub ids."""
-    if name in REGISTRY:
-        return name, REGISTRY[name]
-    return name, None
-
-
 def pretraining_length_for(name: str) -> int | None:
     entry = REGISTRY.get(name)
     return entry.pretraining_length if entry else None
@@ -124,6 +130,11 @@ def load_model(name: str, dtype: str | torch.dtype = "float32", device: str = "c
                 raise ModelError(
                     f"unknown model {name!r}: use a registry name ({', '.join(REGISTRY)}), a local directory, "
                     "a .gguf file, or a hub id like org/name"
+                )
+            if not path.exists() and not hub_reachable():
+                raise ModelError(
+                    f"model {name!r} needs the Hugging Face hub, which this machine cannot reach: "
+                    "download it elsewhere and pass its local directory"
                 )
             try:
                 kwargs = {"dtype": torch_dtype}

@@ -16,6 +16,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from .config import RunConfig, parse_lengths
+from .data import check_dataset
 from .errors import UserError
 from .methods import Method, applied, parse_methods
 from .models import load_model, pretraining_length_for
@@ -105,6 +106,7 @@ def is_oom(err: BaseException) -> bool:
 def execute(task, cfg: RunConfig) -> Path:
     rank, world = distributed()
     parse_methods(cfg.method)  # fail fast on a typo, before a model loads
+    check_dataset(cfg.dataset, cfg.text_field, cfg.split)
     device, dtype = resolve_device(cfg)
     out = shared_output_dir(cfg, world)
     run = RunDir(out, rank, world)

@@ -99,7 +99,7 @@ def fetch(debs: list[str], cache: Path) -> dict[str, tuple[str, Path]]:
 def texlive_licences(roots: dict) -> dict[str, str]:
     """TeX Live package -> licence, from the Licenses files Debian ships with each doc package."""
     lic = {}
-    for deb, (_, root) in roots.items():
+    for _, root in roots.values():
         for file in root.glob("usr/share/doc/*/Licenses.gz"):
             for line in read(file).splitlines():
                 m = re.match(r"^([A-Za-z0-9_.-]+): (.+)$", line)
@@ -123,13 +123,22 @@ def latex_documents(roots: dict) -> list[dict]:
                 parts = rel.parts
                 package = parts[parts.index("texlive-doc") + 2] if "texlive-doc" in parts else rel.parts[-2]
                 licence = lic.get(package, "see the package's Licenses file (TeX Live: mostly LPPL)")
-            docs.append({"deb": deb, "version": version, "path": "/" + str(rel), "package": package,
-                         "licence": licence, "text": read(path)})
+            docs.append(
+                {
+                    "deb": deb,
+                    "version": version,
+                    "path": "/" + str(rel),
+                    "package": package,
+                    "licence": licence,
+                    "text": read(path),
+                }
+            )
     return docs
 
 
 def web_documents(roots: dict) -> list[dict]:
     """One long text per source (pages concatenated in order), to be cut into documents."""
+
     def pages(deb, pattern):
         version, root = roots[deb]
         return version, sorted(root.glob(pattern))
@@ -147,8 +156,7 @@ def web_documents(roots: dict) -> list[dict]:
         text = "\n\n".join(html_text(read(f)) if is_html else read(f) for f in files)
         root = roots[deb][1]
         where = "/" + str(Path(pattern)) if len(files) != 1 else "/" + str(files[0].relative_to(root))
-        docs.append({"deb": deb, "version": version, "path": where, "package": deb, "licence": licence,
-                     "text": text})
+        docs.append({"deb": deb, "version": version, "path": where, "package": deb, "licence": licence, "text": text})
     return docs
 
 
@@ -173,8 +181,10 @@ def write_corpus(out: Path, title: str, eval_docs: list[dict], train_docs: list[
         for i, d in enumerate(docs):
             name = f"{i:02d}-{re.sub(r'[^A-Za-z0-9]+', '-', d['package']).strip('-')}.txt"
             (out / split / name).write_text(d["text"])
-            rows.append(f"| {split}/{name} | {d['deb']} {d['version']} | {d['path']} | {d['licence']} | "
-                        f"{hashlib.sha256(d['text'].encode()).hexdigest()[:12]} |")
+            rows.append(
+                f"| {split}/{name} | {d['deb']} {d['version']} | {d['path']} | {d['licence']} | "
+                f"{hashlib.sha256(d['text'].encode()).hexdigest()[:12]} |"
+            )
     (out / "SOURCES.md").write_text(
         f"# {title}\n\nBuilt by `python scripts/build_samples.py` from Debian bookworm packages. "
         f"Eval documents are the first {EVAL_TOKENS} SmolLM2 tokens of one source document each; the train "

@@ -61,14 +61,32 @@ def make_model(arch: str):
 
     if arch == "llama":
         config = LlamaConfig(
-            vocab_size=VOCAB, hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=L_PRE, rope_parameters={"rope_type": "default",
-            "rope_theta": 10000.0}, tie_word_embeddings=True, bos_token_id=0, eos_token_id=1, pad_token_id=1,
+            vocab_size=VOCAB,
+            hidden_size=256,
+            intermediate_size=768,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=L_PRE,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+            tie_word_embeddings=True,
+            bos_token_id=0,
+            eos_token_id=1,
+            pad_token_id=1,
         )
     else:
         config = MptConfig(
-            vocab_size=VOCAB, d_model=256, n_heads=4, n_layers=4, expansion_ratio=3, max_seq_len=L_PRE,
-            no_bias=True, bos_token_id=0, eos_token_id=1, pad_token_id=1, use_cache=True,
+            vocab_size=VOCAB,
+            d_model=256,
+            n_heads=4,
+            n_layers=4,
+            expansion_ratio=3,
+            max_seq_len=L_PRE,
+            no_bias=True,
+            bos_token_id=0,
+            eos_token_id=1,
+            pad_token_id=1,
+            use_cache=True,
         )
     return AutoModelForCausalLM.from_config(config, attn_implementation="eager")
 
@@ -137,10 +155,21 @@ def main() -> None:
     model.save_pretrained(args.out)
     model = type(model).from_pretrained(args.out, dtype=torch.float32)
     val = validation_loss(model, windows)
-    meta = {"arch": args.arch, "parameters": n_params, "L_pre": L_PRE, "steps": args.steps, "batch": args.batch,
-            "lr": args.lr, "seed": args.seed, "train_tokens": args.steps * args.batch * L_PRE,
-            "minutes": round((time.time() - start) / 60, 1), "validation_loss": val, "validation_windows":
-            int(windows.shape[0]), "command": " ".join(["python"] + sys.argv), "torch": torch.__version__}
+    meta = {
+        "arch": args.arch,
+        "parameters": n_params,
+        "L_pre": L_PRE,
+        "steps": args.steps,
+        "batch": args.batch,
+        "lr": args.lr,
+        "seed": args.seed,
+        "train_tokens": args.steps * args.batch * L_PRE,
+        "minutes": round((time.time() - start) / 60, 1),
+        "validation_loss": val,
+        "validation_windows": int(windows.shape[0]),
+        "command": " ".join(["python"] + sys.argv),
+        "torch": torch.__version__,
+    }
     (args.out / "training.json").write_text(json.dumps({"meta": meta, "curve": curve}, indent=1))
     plot(curve, args.out / "loss_curve.png", args.arch)
     card(args.out, meta)

@@ -20,7 +20,7 @@ def score(hypotheses: list[str], references: list[str]) -> dict:
     """Corpus BLEU over all pairs; ROUGE F1 averaged over pairs; all on a 0-100 scale."""
     scorer = rouge_scorer.RougeScorer(list(ROUGE), use_stemmer=False)
     rouge = {k: 0.0 for k in ROUGE}
-    for hyp, ref in zip(hypotheses, references):
+    for hyp, ref in zip(hypotheses, references, strict=True):
         for k, v in scorer.score(ref, hyp).items():
             rouge[k] += v.fmeasure
     n = max(1, len(hypotheses))

@@ -40,16 +40,23 @@ def make_prompt(tokenizer, length: int, depth: float, rng: random.Random, distra
     else:
         decoys, needle, question = [], NEEDLE.format(key=key), QUESTION
 
-    def count(text: str) -> int:
-        return len(tokenizer(text, add_special_tokens=False).input_ids)
+    placement = rng.random()  # decoy positions are redrawn identically for every trial length below
 
-    fixed = count(PREFIX + needle + question + "".join(decoys)) + 2
-    slots = max(1, (length - fixed) // count(FILLER))
-    pieces = [FILLER] * slots
-    for decoy in decoys:  # decoys anywhere, the true needle at its depth
-        pieces.insert(rng.randint(0, len(pieces)), decoy)
-    pieces.insert(round(depth * len(pieces)), needle)
-    ids = tokenizer(PREFIX + "".join(pieces) + question, add_special_tokens=True).input_ids
+    def build(slots: int) -> list[int]:
+        pieces = [FILLER] * slots
+        place = random.Random(placement)
+        for decoy in decoys:  # decoys anywhere, the true needle at its depth
+            pieces.insert(place.randint(0, len(pieces)), decoy)
+        pieces.insert(round(depth * len(pieces)), needle)
+        return tokenizer(PREFIX + "".join(pieces) + question, add_special_tokens=True).input_ids
+
+    per_filler = max(1, len(tokenizer(FILLER * 8, add_special_tokens=False).input_ids) // 8)
+    slots = max(1, length // per_filler)
+    for _ in range(4):  # tokenisation is not additive: converge on the length
+        ids = build(slots)
+        if abs(len(ids) - length) < per_filler:
+            break
+        slots = max(1, slots + (length - len(ids)) // per_filler)
     return ids, key
 
 
@@ -117,17 +124,12 @@ class Passkey(Task):
         metrics = {m.label: {str(L): acc.get((m.label, L)) for L in ctx.lengths} for m in ctx.methods}
         tables = {"passkey_accuracy": table}
         depths = sorted({k[2] for k in by_depth}, key=str)
-        if len(depths) > 1:
-            for m in ctx.methods:
-                rows_d = {(str(d), L): by_depth.get((m.label, L, d)) for d in depths for L in ctx.lengths}
-                df = method_table(
-                    {k: v for k, v in rows_d.items() if v is not None},
-                    [str(d) for d in depths],
-                    ctx.lengths,
-                    index_name="depth",
-                )
-                tables[f"passkey_depth_{_slug(m.label)}"] = df
-                metrics[m.label]["by_depth"] = {f"{d}@{L}": v for (d, L), v in rows_d.items()}
+        if len(depths) > 1:  # one row per (method, depth): the heatmaps as a table
+            rows_d = [f"{m} @ {d}" for m in labels(ctx) for d in depths]
+            values = {(f"{m} @ {d}", L): v for (m, L, d), v in by_depth.items()}
+            tables["passkey_by_depth"] = method_table(values, rows_d, ctx.lengths, index_name="method @ depth")
+            for m in labels(ctx):
+                metrics[m]["by_depth"] = {f"{d}@{L}": by_depth.get((m, L, d)) for d in depths for L in ctx.lengths}
         return metrics, tables
 
     def plots(self, ctx, rows) -> None:

@@ -70,7 +70,7 @@ def stream_nll(model, ids: torch.Tensor, chunk: int, report_every: int, on_chunk
                 nll = torch.cat((-carry[0, piece[0, 0]].reshape(1), nll))
             carry = logp[:, -1]
             first = s if s else 1
-            for pos, value in zip(range(first, first + nll.numel()), nll.tolist()):
+            for pos, value in zip(range(first, first + nll.numel()), nll.tolist(), strict=True):
                 window = pos // report_every
                 while len(sums) <= window:
                     sums.append(0.0)
@@ -83,7 +83,7 @@ def stream_nll(model, ids: torch.Tensor, chunk: int, report_every: int, on_chunk
                 on_chunk(s + piece.shape[1])
     return {
         "window_tokens": report_every,
-        "window_nll": [round(a / max(c, 1), 4) for a, c in zip(sums, counts)],
+        "window_nll": [round(a / max(c, 1), 4) for a, c in zip(sums, counts, strict=True)],
         "mean_nll": total / max(1, ids.shape[1] - 1),
         "rss_mb": [[t, round(m, 1)] for t, m in rss],
         "cache_slots": cache.layers[0].used if hasattr(cache.layers[0], "used") else None,
@@ -207,7 +207,7 @@ class Perplexity(Task):
             label = r["cell"]["method"]
             metrics[label] = {k: r[k] for k in ("window_tokens", "window_nll", "mean_nll", "rss_mb", "cache_slots")}
             w = r["window_nll"]
-            for i, frac in enumerate((0.1, 0.5, 1.0)):
+            for frac in (0.1, 0.5, 1.0):
                 nll[label, f"NLL @{frac:.0%}"] = w[max(0, int(len(w) * frac) - 1)]
             for mark in marks:
                 at = [m for t, m in r["rss_mb"] if t <= mark]

@@ -6,9 +6,10 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
-from models import tiny_model
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
+
+from models import tiny_model
 
 WORDS = "the of and model attention window token length paper result table figure proof lemma we show".split()
 
@@ -26,7 +27,8 @@ def tokenizer(vocab: int = 96) -> PreTrainedTokenizerFast:
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab, special_tokens=["<unk>", "<s>", "</s>"],
+        vocab_size=vocab,
+        special_tokens=["<unk>", "<s>", "</s>"],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
     tok.train_from_iterator([sentences(200)], trainer)

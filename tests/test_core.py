@@ -6,12 +6,12 @@ import math
 
 import pytest
 import torch
-from models import FAMILY_NAMES, L_PRE, VOCAB, lm_kwargs, tiny_model
 from reference import reference_attention
 
 import lminf_eval
 from lminf_eval import LMInfiniteCache, LMInfiniteError, apply_lm_infinite, remove_lm_infinite
 from lminf_eval import patch as patch_module
+from models import FAMILY_NAMES, L_PRE, VOCAB, lm_kwargs, tiny_model
 
 ATOL = 1e-4
 G = 2  # n_global for the tiny models (w = L = L_PRE = 16)

@@ -1,0 +1,348 @@
+"""The harness end to end on a random tiny model and local text: files and schemas, resume, OOM, bad input."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import fixtures
+import pandas as pd
+import pytest
+import torch
+from lminf_eval.tasks import ppl as ppl_task
+from lminf_eval.tasks.generate import score
+from lminf_eval.tasks.passkey import first_integer, make_prompt
+from lminf_eval.tasks.ppl import Perplexity
+from typer.testing import CliRunner
+
+from lminf_eval.cli import app
+from lminf_eval.methods import parse_methods
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny")
+    return SimpleNamespace(
+        model=fixtures.checkpoint(root / "model"),  # Llama, L_pre 32
+        data=fixtures.corpus(root / "corpus"),  # 3 documents of ~5k tokens
+    )
+
+
+def run(tiny, *args, out=None):
+    base = ["--model", tiny.model, "--dataset", tiny.data, "--n-global", "4"]
+    if out is not None:
+        base += ["--output-dir", out]
+    return runner.invoke(app, [str(a) for a in (*args, *base)])
+
+
+def load(out: Path):
+    results = json.loads((out / "results.json").read_text())
+    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    return results, samples
+
+
+def test_ppl_end_to_end(tiny, tmp_path):
+    res = run(tiny, "ppl", "--lengths", "1x,2x,8x", "--num-docs", "2", out=tmp_path)
+    assert res.exit_code == 0, res.output
+    results, samples = load(tmp_path)
+    assert results["status"] == "complete" and results["command"] == "ppl"
+    assert {"config", "versions", "git", "device", "wall_seconds", "metrics", "tables"} <= results.keys()
+    assert results["config"]["model"] == str(tiny.model) and results["resolved"]["lengths"] == [32, 64, 256]
+    assert len(samples) == 4 and all(len(s["nll"]) == s["tokens"] - 1 == 255 for s in samples)
+    table = pd.read_csv(tmp_path / "ppl.csv", index_col=0)
+    assert list(table.index) == ["vanilla", "lm-infinite"] and list(table.columns) == ["32", "64", "256", "overall"]
+    # inside the window LM-Infinite is the vanilla model; beyond it they differ
+    assert table.loc["vanilla", "32"] == pytest.approx(table.loc["lm-infinite", "32"], rel=1e-4)
+    assert table.loc["vanilla", "256"] != pytest.approx(table.loc["lm-infinite", "256"], rel=1e-3)
+    for name in ("ppl.md", "nll.csv", "nll_vs_position.png"):
+        assert (tmp_path / name).stat().st_size > 0
+
+
+def test_ppl_stream_keeps_memory_flat(tiny, tmp_path):
+    res = run(tiny, "ppl", "--stream-tokens", "4000", "--chunk-size", "64", "--method", "lm-infinite", out=tmp_path)
+    assert res.exit_code == 0, res.output
+    results, samples = load(tmp_path)
+    (row,) = samples
+    assert row["cache_slots"] <= 4 + 32 + 32 // 4 + 16 + 64  # first g + window + slack + one chunk
+    assert len(row["window_nll"]) >= 40 and all(math.isfinite(x) for x in row["window_nll"])
+    assert (tmp_path / "stream_nll.csv").exists() and (tmp_path / "stream_nll.png").exists()
+
+
+def test_passkey_end_to_end(tiny, tmp_path):
+    res = run(
+        tiny,
+        "passkey",
+        "--lengths",
+        "2x,4x",
+        "--depths",
+        "0,0.5,1",
+        "--num-samples",
+        "2",
+        "--distractors",
+        "2",
+        "--method",
+        "vanilla,truncate,lm-infinite:top_k=2:top_k_from_layer=1",
+        out=tmp_path,
+    )
+    assert res.exit_code == 0, res.output
+    results, samples = load(tmp_path)
+    assert len(samples) == 3 * 2 * 3 * 2
+    assert all({"key", "answer", "correct", "prompt_tokens"} <= s.keys() for s in samples)
+    # every method saw the same prompts
+    keys = {(s["cell"]["length"], s["cell"]["depth"], s["cell"]["sample"], s["key"]) for s in samples}
+    assert len(keys) == 2 * 3 * 2
+    acc = pd.read_csv(tmp_path / "passkey_accuracy.csv", index_col=0)
+    assert list(acc.columns) == ["64", "128", "avg"] and len(acc) == 3
+    assert (tmp_path / "passkey_by_depth.csv").exists()
+    assert len(list(tmp_path.glob("passkey_heatmap_*.png"))) == 3
+
+
+def test_generate_end_to_end(tiny, tmp_path):
+    res = run(tiny, "generate", "--lengths", "1x,4x", "--new-tokens", "12", "--num-docs", "2", out=tmp_path)
+    assert res.exit_code == 0, res.output
+    results, samples = load(tmp_path)
+    assert len(samples) == 2 * 2 * 2 and all(s["hypothesis"] and s["reference"] for s in samples)
+    for metric in ("bleu", "rouge1", "rouge2", "rougeL"):
+        table = pd.read_csv(tmp_path / f"{metric}.csv", index_col=0)
+        assert list(table.columns) == ["32", "128"]
+        assert ((table >= 0) & (table <= 100)).all().all()
+
+
+def test_timing_end_to_end(tiny, tmp_path):
+    res = run(tiny, "timing", "--lengths", "2x,4x", "--new-tokens", "3", out=tmp_path)
+    assert res.exit_code == 0, res.output
+    results, samples = load(tmp_path)
+    assert all(s["encode_s"] > 0 and s["decode_s_per_token"] > 0 for s in samples)
+    speed = pd.read_csv(tmp_path / "speedup_encode_s.csv", index_col=0)
+    assert speed.loc["vanilla"].tolist() == [1.0, 1.0]
+
+
+def test_report_reads_runs(tiny, tmp_path):
+    out = tmp_path / "run"
+    assert run(tiny, "ppl", "--lengths", "1x,2x", "--num-docs", "1", out=out).exit_code == 0
+    res = runner.invoke(app, ["report", str(out), "--output", str(tmp_path / "report.md")])
+    assert res.exit_code == 0, res.output
+    text = (tmp_path / "report.md").read_text()
+    assert "### ppl: ppl" in text and "| lm-infinite |" in text
+
+
+def test_config_file_and_flag_precedence(tiny, tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text("methods: [vanilla, window]\nlengths: 1x,2x\nnum-docs: 1\n")
+    res = run(tiny, "ppl", "--config", config, "--lengths", "1x,4x", out=tmp_path / "out")
+    assert res.exit_code == 0, res.output
+    results, _ = load(tmp_path / "out")
+    assert results["config"]["method"] == ["vanilla", "window"]  # from the file
+    assert results["resolved"]["lengths"] == [32, 128]  # the flag wins
+
+
+def test_resume_after_interrupt(tiny, tmp_path, monkeypatch):
+    calls = []
+    original = Perplexity.run_cell
+
+    def interrupted(self, ctx, cell):
+        calls.append(cell.key)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return original(self, ctx, cell)
+
+    monkeypatch.setattr(Perplexity, "run_cell", interrupted)
+    res = run(tiny, "ppl", "--lengths", "1x,2x", "--num-docs", "2", out=tmp_path)
+    assert res.exit_code == 130
+    results, samples = load(tmp_path)
+    assert results["status"] == "interrupted" and len(samples) == 2
+    calls.clear()
+    res = run(tiny, "ppl", "--lengths", "1x,2x", "--num-docs", "2", "--resume", out=tmp_path)
+    assert res.exit_code == 0, res.output
+    results, samples = load(tmp_path)
+    assert results["status"] == "complete" and len(samples) == 4 and len(calls) == 2
+    assert len({json.dumps(s["cell"], sort_keys=True) for s in samples}) == 4
+
+
+def test_oom_cell_is_recorded_and_run_goes_on(tiny, tmp_path, monkeypatch):
+    original = ppl_task.token_nll
+    seen = []
+
+    def sometimes_oom(model, ids):
+        seen.append(1)
+        if len(seen) == 2:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        return original(model, ids)
+
+    monkeypatch.setattr(ppl_task, "token_nll", sometimes_oom)
+    res = run(tiny, "ppl", "--lengths", "1x,2x", "--num-docs", "2", "--method", "lm-infinite", out=tmp_path)
+    assert res.exit_code == 0, res.output
+    results, samples = load(tmp_path)
+    assert [s["status"] for s in samples] == ["ok", "oom"] and results["cells"]["oom"] == 1
+    res = run(tiny, "ppl", "--lengths", "1x", "--num-docs", "1", "--method", "vanilla", out=tmp_path / "all")
+    monkeypatch.setattr(ppl_task, "token_nll", lambda m, i: (_ for _ in ()).throw(torch.OutOfMemoryError("oom")))
+    res = run(tiny, "ppl", "--lengths", "1x", "--num-docs", "1", out=tmp_path / "none")
+    assert res.exit_code == 0
+    assert pd.read_csv(tmp_path / "none" / "ppl.csv", index_col=0).loc["vanilla", "32"] == "OOM"
+
+
+def test_nll_buckets_by_hand():
+    task = Perplexity()
+    methods = parse_methods(["vanilla"])
+    ctx = SimpleNamespace(lengths=[4, 8], l_pre=8, methods=methods, extra={}, cfg=SimpleNamespace(bucket_size=2))
+    rows = [  # nll[k] is the NLL of target position k + 1
+        {"cell": {"method": "vanilla", "doc": "a"}, "status": "ok", "nll": [1, 2, 3, 4, 5, 6, 7]},
+        {"cell": {"method": "vanilla", "doc": "b"}, "status": "ok", "nll": [3, 3, 5, 6]},
+    ]
+    metrics, tables = task.summarize(ctx, rows)
+    # at 4: targets 2,3 -> a: 2,3  b: 3,5 -> mean 3.25 ; at 8: targets 6,7 -> a only: 6,7 -> 6.5
+    assert metrics["vanilla"]["4"]["nll"] == pytest.approx(3.25)
+    assert metrics["vanilla"]["8"] == {"ppl": pytest.approx(math.exp(6.5)), "nll": 6.5, "docs": 1}
+    assert metrics["vanilla"]["overall"]["nll"] == pytest.approx((28 + 17) / 11)
+    assert tables["ppl"].loc["vanilla", "4"] == pytest.approx(math.exp(3.25))
+
+
+def test_bleu_rouge_on_known_strings():
+    same = score(["the cat sat on the mat"], ["the cat sat on the mat"])
+    assert same["bleu"] == pytest.approx(100) and same["rougeL"] == pytest.approx(100)
+    part = score(["the cat"], ["the cat sat"])  # ROUGE-1: P = 1, R = 2/3 -> F = 0.8
+    assert part["rouge1"] == pytest.approx(80) and part["rouge2"] == pytest.approx(100 * 2 * 1 * 0.5 / 1.5)
+    assert score(["completely different words"], ["the cat sat on the mat"])["bleu"] == pytest.approx(0)
+
+
+def test_passkey_prompt_and_scoring():
+    import random
+
+    tok = fixtures.tokenizer()
+    for depth in (0.0, 1.0):
+        ids, key = make_prompt(tok, 2000, depth, random.Random(1))
+        text = tok.decode(ids)
+        assert abs(len(ids) - 2000) < 90 and text.count(key) == 2  # within one filler sentence (~80 bytes)
+        where = text.index(key) / len(text)
+        assert where < 0.3 if depth == 0 else where > 0.8
+    ids, key = make_prompt(tok, 3000, 0.5, random.Random(2), distractors=3)
+    text = tok.decode(ids)
+    assert text.count("Remember it.") == 4 and text.count(key) == 2  # true needle + 3 decoys, key once in it
+    asked = text.rsplit("What is the pass key of ", 1)[1].split("?")[0]
+    assert f"The pass key of {asked} is {key}." in text
+    assert first_integer(" 4821. Remember it") == "4821" and first_integer("no digits") is None
+
+
+BAD_INPUTS = {
+    "unknown model": (["ppl", "--model", "no-such-model"], "unknown model"),
+    "offline hub model": (["ppl", "--model", "someorg/somemodel"], "cannot reach"),
+    "unknown dataset": (["ppl", "--dataset", "no-such-data"], "unknown dataset"),
+    "offline hub dataset": (["ppl", "--dataset", "someorg/somedata"], "cannot reach"),
+    "unknown method": (["ppl", "--method", "vanilla,lm-infinity"], "unknown method"),
+    "bad method option": (["ppl", "--method", "lm-infinite:top_kk=3"], "bad method option"),
+    "unparsable lengths": (["ppl", "--lengths", "4k,lots"], "cannot parse length"),
+    "n_global > n_local": (["ppl", "--n-global", "40"], "n_global (40) > n_local (32)"),
+    "no document long enough": (["ppl", "--lengths", "1000x"], "longest of 3"),
+    "bad depths": (["passkey", "--depths", "0,2"], "--depths"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_is_one_line_exit_2(tiny, tmp_path, monkeypatch, case):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    from lminf_eval import models
+
+    models.hub_reachable.cache_clear()
+    args, expected = BAD_INPUTS[case]
+    base = {
+        "--model": tiny.model,
+        "--dataset": tiny.data,
+        "--output-dir": tmp_path,
+        "--lengths": "1x,2x",
+        "--n-global": 4,
+    }
+    for flag, value in base.items():
+        if flag not in args:
+            args = [*args, flag, str(value)]
+    res = runner.invoke(app, args)
+    assert res.exit_code == 2, res.output
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("lminf-eval: error:") and expected in lines[0], res.stderr
+    assert "Traceback" not in res.output
+
+
+def test_unknown_config_key_and_unsupported_architecture(tiny, tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = tmp_path / "bad.yaml"
+    config.write_text("lenghts: 1x\n")
+    res = run(tiny, "ppl", "--config", config, out=tmp_path / "a")
+    assert res.exit_code == 2 and "unknown config key 'lenghts'" in res.stderr
+    gpt2 = tmp_path / "gpt2"
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=len(fixtures.tokenizer()))).save_pretrained(
+        gpt2
+    )
+    fixtures.tokenizer().save_pretrained(gpt2)
+    res = runner.invoke(
+        app, ["ppl", "--model", str(gpt2), "--dataset", str(tiny.data), "--output-dir", str(tmp_path / "b")]
+    )
+    assert res.exit_code == 2 and "unsupported architecture 'gpt2'" in res.stderr and "llama" in res.stderr
+
+
+def test_missing_optional_package(tiny, tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setitem(sys.modules, "accelerate", None)  # as if not installed
+    res = run(tiny, "ppl", out=tmp_path)
+    assert res.exit_code == 2 and "missing optional package accelerate" in res.stderr
+
+
+def test_lengths_inside_the_window_warn(tiny, tmp_path):
+    res = run(tiny, "ppl", "--lengths", "0.5x,1x", "--num-docs", "1", out=tmp_path)
+    assert res.exit_code == 0 and "warning" in res.stderr and "within the pretraining length" in res.stderr
+
+
+def test_accelerate_two_processes_split_and_merge(tiny, tmp_path):
+    args = [
+        "ppl",
+        "--model",
+        tiny.model,
+        "--dataset",
+        tiny.data,
+        "--n-global",
+        "4",
+        "--lengths",
+        "1x,4x",
+        "--num-docs",
+        "3",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parent)}
+    launch = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--num_processes",
+        "2",
+        "--cpu",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "-m",
+        "lminf_eval",
+    ]
+    done = subprocess.run(
+        [*launch, *map(str, args), "--output-dir", str(tmp_path / "two")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    res = runner.invoke(app, [*map(str, args), "--output-dir", str(tmp_path / "one")])
+    assert res.exit_code == 0
+    two, one = load(tmp_path / "two"), load(tmp_path / "one")
+    assert len(two[1]) == len(one[1]) == 6 and not list((tmp_path / "two").glob("samples.rank*"))
+    pd.testing.assert_frame_equal(
+        pd.read_csv(tmp_path / "two" / "ppl.csv", index_col=0),
+        pd.read_csv(tmp_path / "one" / "ppl.csv", index_col=0),
+        rtol=1e-5,
+    )
