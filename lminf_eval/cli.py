@@ -95,12 +95,14 @@ EXTRA = {
     ],
     "generate": [Flag("new_tokens", int, "Tokens generated and scored after each position. (default: 100)")],
     "timing": [Flag("new_tokens", int, "Decoding steps timed. (default: 16)")],
+    "diagnose": [],
 }
 HELP = {
     "ppl": "Per-position perplexity at milestone lengths (paper Table 1, Fig. 3), or on one long stream.",
     "passkey": "Passkey retrieval with optional distractors, over lengths and needle depths (paper Table 2).",
     "generate": "BLEU and ROUGE of greedy continuations after long prefixes (paper Table 3).",
     "timing": "Encoding/decoding speed and peak memory against vanilla (paper App. G).",
+    "diagnose": "Why vanilla fails past L_pre: max logit vs distance, entropy, hidden-state PCA (paper Fig. 1).",
 }
 
 

@@ -180,8 +180,9 @@ def collect(out: Path, profile: str) -> None:
             check=True,
         ).stdout
         v = res["versions"]
+        command = (folder / "COMMAND").read_text().strip() if (folder / "COMMAND").exists() else res["command"]
         parts.append(
-            f"## {folder.name}\n\n`{(folder / 'COMMAND').read_text().strip() if (folder / 'COMMAND').exists() else res['command']}`"
+            f"## {folder.name}\n\n`{command}`"
             f" ({res['status']}; {res['wall_seconds']:.0f} s on {res['device']}; torch {v['torch']}, "
             f"transformers {v['transformers']}, git {res['git']})\n\n{report}"
         )

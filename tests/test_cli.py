@@ -124,6 +124,17 @@ def test_timing_end_to_end(tiny, tmp_path):
     assert speed.loc["vanilla"].tolist() == [1.0, 1.0]
 
 
+def test_diagnose_end_to_end(tiny, tmp_path):
+    res = run(tiny, "diagnose", "--lengths", "4x", "--method", "vanilla", out=tmp_path)
+    assert res.exit_code == 0, res.output
+    results, (row,) = load(tmp_path)
+    assert set(row["max_logit"]) == {"1", "2"} and len(row["entropy"]["2"]) == 128
+    assert len(row["max_logit"]["2"]) == 4  # one row of distance buckets per head
+    maxima = pd.read_csv(tmp_path / "diagnose_max_logit.csv", index_col=0)
+    assert (maxima.diff(axis=1).iloc[:, 1:] >= 0).all().all()  # "max within <= d" never decreases
+    assert (tmp_path / "diagnose.png").stat().st_size > 0
+
+
 def test_report_reads_runs(tiny, tmp_path):
     out = tmp_path / "run"
     assert run(tiny, "ppl", "--lengths", "1x,2x", "--num-docs", "1", out=out).exit_code == 0

@@ -1,0 +1,179 @@
+"""Why vanilla models fail past L_pre (paper Fig. 1), measured on the unmodified model:
+(a) the largest attention logit seen within distance <= d, per head: it keeps growing past L_pre;
+(b) attention entropy per query row against the number of attended tokens: it keeps growing;
+(c) a 2-D PCA of layer-2 hidden states coloured by position: the first tokens sit apart.
+Attention statistics are gathered blockwise by a registered attention function, so memory stays O(block x n).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+from lminf_eval.data import load_documents
+from lminf_eval.errors import UserError
+from lminf_eval.runner import Cell, console
+
+from .base import Task, method_table, ok_rows
+
+BLOCK = 512
+
+
+def bucket_edges(n: int) -> list[int]:
+    """Distance buckets 0, 1, 2-3, 4-7, ...: bucket b holds distances in [2^(b-1), 2^b)."""
+    return [0] + [2**b for b in range(int(math.log2(max(n, 2))) + 1)]
+
+
+class Stats:
+    """Per layer: max logit per (head, distance bucket) and mean entropy per query position."""
+
+    def __init__(self, layers: set[int], n: int):
+        self.layers, self.n = layers, n
+        self.nb = len(bucket_edges(n))
+        self.max_logit: dict[int, torch.Tensor] = {}
+        self.entropy: dict[int, torch.Tensor] = {}
+
+    def observe(self, layer: int, q: torch.Tensor, k: torch.Tensor, scaling: float) -> None:
+        b, hq, n, _ = q.shape
+        k = k.repeat_interleave(hq // k.shape[1], 1)
+        top = torch.full((hq, self.nb), -math.inf)
+        ent = torch.empty(n)
+        for s in range(0, n, BLOCK):
+            e = min(n, s + BLOCK)
+            scores = (q[0, :, s:e].float() @ k[0, :, :e].float().transpose(-1, -2)) * scaling  # [h, B, e]
+            dist = torch.arange(s, e)[:, None] - torch.arange(e)[None, :]
+            causal = dist >= 0
+            bucket = torch.where(dist > 0, torch.log2(dist.clamp(min=1).float()).floor().long() + 1, 0)
+            flat = scores.masked_fill(~causal, -math.inf).reshape(hq, -1)
+            idx = bucket.clamp(min=0, max=self.nb - 1).reshape(1, -1).expand(hq, -1)
+            top = top.scatter_reduce(1, idx, flat, reduce="amax")
+            p = torch.softmax(scores.masked_fill(~causal, -math.inf), dim=-1)
+            ent[s:e] = -(p * torch.log(p.clamp_min(1e-30))).sum(-1).mean(0)
+        self.max_logit[layer] = top
+        self.entropy[layer] = ent
+
+
+def make_attention(stats: Stats):
+    def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+        if module.layer_idx in stats.layers:
+            stats.observe(module.layer_idx, query, key, scaling or query.shape[-1] ** -0.5)
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
+        )
+
+    return attention
+
+
+class Diagnose(Task):
+    name = "diagnose"
+    default_lengths = "2x"
+
+    def layers(self, ctx) -> set[int]:
+        n = ctx.model.config.num_hidden_layers
+        return {min(2, n - 1), n // 2, n - 1}
+
+    def prepare(self, ctx) -> None:
+        if any(m.name != "vanilla" for m in ctx.methods):
+            console.print("[yellow]diagnose studies the unmodified model: methods other than vanilla are ignored")
+        if ctx.model.config.model_type in ("mpt", "bloom"):
+            raise UserError("diagnose reads attention through transformers' registry: use a RoPE model")
+        n = max(ctx.lengths)
+        # one document: the figures describe a single long read
+        ctx.extra["docs"] = load_documents(ctx.cfg.dataset, ctx.tokenizer, 1, n, n, ctx.cfg.text_field)
+
+    def cells(self, ctx) -> list[Cell]:
+        vanilla = next((m for m in ctx.methods if m.name == "vanilla"), None)
+        if vanilla is None:
+            raise UserError("diagnose needs --method vanilla")
+        return [Cell({"method": vanilla.label, "doc": d.id}, vanilla, d, len(d.ids)) for d in ctx.extra["docs"]]
+
+    def run_cell(self, ctx, cell) -> dict:
+        ids = torch.tensor([cell.data.ids], device=ctx.device)
+        stats = Stats(self.layers(ctx), ids.shape[1])
+        AttentionInterface.register("lminf_diagnose", make_attention(stats))
+        config = ctx.model.config
+        saved, config._attn_implementation = config._attn_implementation, "lminf_diagnose"
+        try:
+            with torch.no_grad():
+                out = ctx.model(ids, use_cache=False, output_hidden_states=True, logits_to_keep=1)
+        finally:
+            config._attn_implementation = saved
+        hidden = out.hidden_states[min(2, len(out.hidden_states) - 1)][0].float()
+        centred = hidden - hidden.mean(0)
+        _, _, v = torch.pca_lowrank(centred, q=2, center=False)
+        xy = (centred @ v[:, :2]).tolist()
+        keep = sorted(set(range(min(64, len(xy)))) | set(range(0, len(xy), max(1, len(xy) // 2000))))
+        return {
+            "edges": bucket_edges(ids.shape[1]),
+            "max_logit": {str(k): v.tolist() for k, v in stats.max_logit.items()},
+            "entropy": {str(k): [round(x, 4) for x in v.tolist()] for k, v in stats.entropy.items()},
+            "pca": {"positions": keep, "xy": [[round(xy[i][0], 3), round(xy[i][1], 3)] for i in keep]},
+        }
+
+    def summarize(self, ctx, rows):
+        rows = ok_rows(rows)
+        if not rows:
+            return {}, {}
+        r = rows[0]
+        edges, n = r["edges"], ctx.l_pre
+        marks = [m for m in (n // 2, n, 2 * n, 4 * n, 8 * n) if m <= edges[-1] * 2]
+        logit, entropy = {}, {}
+        for layer, grid in r["max_logit"].items():
+            per_head = np.maximum.accumulate(np.array(grid), axis=1)  # max within distance <= bucket end
+            for m in marks:
+                b = min(len(edges) - 1, int(math.log2(m)))
+                logit[f"layer {layer}", f"d<={m}"] = float(per_head[:, b].mean())
+            ent = np.array(r["entropy"][layer])
+            for m in marks:
+                if m <= len(ent):
+                    entropy[f"layer {layer}", f"pos {m}"] = float(ent[max(0, m - 64) : m].mean())
+        layers = [f"layer {k}" for k in r["max_logit"]]
+        return {"doc": r["cell"]["doc"]}, {
+            "diagnose_max_logit": method_table(logit, layers, [f"d<={m}" for m in marks], index_name="layer"),
+            "diagnose_entropy": method_table(entropy, layers, [f"pos {m}" for m in marks], index_name="layer"),
+        }
+
+    def plots(self, ctx, rows) -> None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        rows = ok_rows(rows)
+        if not rows:
+            return
+        r = rows[0]
+        edges = np.array(r["edges"][1:] + [r["edges"][-1] * 2])
+        fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+        layer = sorted(r["max_logit"], key=int)[-1]
+        grid = np.maximum.accumulate(np.array(r["max_logit"][layer]), axis=1)
+        for head in grid:
+            axes[0].plot(edges[: len(head)], head, alpha=0.7)
+        axes[0].set(
+            xscale="log", xlabel="distance d", ylabel="max logit within <= d", title=f"(a) layer {layer}, per head"
+        )
+        for name, ent in sorted(r["entropy"].items(), key=lambda kv: int(kv[0])):
+            ent = np.array(ent)
+            smooth = np.convolve(ent, np.ones(64) / 64, mode="valid")
+            axes[1].plot(np.arange(len(smooth)) + 64, smooth, label=f"layer {name}")
+        axes[1].set(
+            xscale="log",
+            xlabel="attended tokens (query position)",
+            ylabel="entropy (nats)",
+            title="(b) attention entropy",
+        )
+        axes[1].legend()
+        pos, xy = np.array(r["pca"]["positions"]), np.array(r["pca"]["xy"])
+        sc = axes[2].scatter(xy[:, 0], xy[:, 1], c=np.log2(pos + 1), s=6, cmap="viridis")
+        fig.colorbar(sc, ax=axes[2], label="log2(position + 1)")
+        axes[2].set(title="(c) layer-2 hidden states, PCA", xlabel="PC1", ylabel="PC2")
+        for ax in axes[:2]:
+            ax.axvline(ctx.l_pre, color="k", linestyle="--", linewidth=1)
+        fig.suptitle(f"{ctx.cfg.model}: vanilla attention past L_pre = {ctx.l_pre}")
+        fig.tight_layout()
+        fig.savefig(ctx.run.path / "diagnose.png", dpi=110)
+        plt.close(fig)
