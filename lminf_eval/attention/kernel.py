@@ -24,7 +24,7 @@ from .positions import Alibi, Rope
 # most of the window visible to the whole block, so most keys need no mask.
 BLOCK = 1024
 # Bytes of per-forward layout (masks, rotations) kept for reuse by later layers.
-MEMO_BUDGET = 1 << 29
+MEMO_BUDGET = 1 << 28
 # Use PyTorch's fused CPU flash kernel on CPU tensors (tests turn it off to check the plain-math path).
 FUSED_CPU = True
 
@@ -57,7 +57,8 @@ class Layout:
 
     mid: slice | None  # keys seen by every query with an ordinary score (no mask)
     keys: torch.Tensor | slice  # the other candidate keys
-    bias: torch.Tensor  # [b, 1 or h, n, len(keys)] additive: 0 / -inf (RoPE) or ALiBi bias / -inf
+    bias: torch.Tensor  # [b, 1 or h, n, len(keys)]: bool visibility (RoPE; 1 byte a pair while memoised)
+    # or the additive ALiBi bias with -inf where not visible
     far: torch.Tensor | None = None  # positions in `keys` past the ceiling for some query (RoPE)
     far_visible: torch.Tensor | None = None  # [b, 1, 1, n, len(far)]
     q_turn: tuple | None = None  # rotation of the block's queries to position L
@@ -138,13 +139,14 @@ def _layout(plan: Plan, first: int, s: int, e: int, cfg: Settings, position, dty
             visible[:, :, cols] &= ~far_pairs[:, :, cols]
             lay.q_turn = position.rotation(limit - qi, dtype)
             lay.k_turn = position.rotation(-ki[:, cols], dtype)
-    lay.bias = torch.where(visible, 0.0, -math.inf).to(dtype)[:, None]
+    lay.bias = visible[:, None]
     return lay
 
 
 def _block(q, key, value, lay: Layout, position, scaling) -> torch.Tensor:
     k, v = key[:, :, lay.keys], value[:, :, lay.keys]
-    out, lse = _flash(q, k, v, lay.bias, scaling)
+    bias = lay.bias if lay.bias.dtype != torch.bool else torch.where(lay.bias, 0.0, -math.inf).to(q.dtype)
+    out, lse = _flash(q, k, v, bias, scaling)
     if lay.mid is not None:
         out, lse = _merge(out, lse, *_flash(q, key[:, :, lay.mid], value[:, :, lay.mid], None, scaling))
     if lay.far is not None:
