@@ -237,6 +237,7 @@ class Perplexity(Task):
             b = self.bucket(ctx)
             for label, mat in self.curves(rows).items():
                 mean = np.nanmean(mat, axis=0)
+                b = max(b, mat.shape[1] // 200)  # a readable curve at 32x too
                 kernel = np.ones(b) / b
                 smooth = np.convolve(np.nan_to_num(mean, nan=np.nanmax(mean)), kernel, mode="valid")
                 ax.plot(np.arange(len(smooth)) + b, smooth, label=label)
