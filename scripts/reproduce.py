@@ -98,7 +98,7 @@ def steps(profile: str) -> list[tuple[str, list[str]]]:
                 "--method",
                 f"vanilla,truncate,lm-infinite,{TOPK}",
                 "--lengths",
-                "2k,8k" if quick else "8k,12k,16k",
+                "12k" if quick else "8k,12k,16k",
                 "--num-samples",
                 "2" if quick else "6",
             ],
@@ -106,6 +106,10 @@ def steps(profile: str) -> list[tuple[str, list[str]]]:
         (
             "appg-timing-smollm2",
             ["timing", "--model", "smollm2-135m", "--lengths", "8k,16k" if quick else "16k,32k", "--new-tokens", "8"],
+        ),
+        (
+            "fig1-diagnose-smollm2",
+            ["diagnose", "--model", "smollm2-135m", "--method", "vanilla", "--lengths", "12k" if quick else "16k"],
         ),
     ]
     if not quick:
