@@ -69,8 +69,19 @@ def test_tiny_model_reproduces_recorded_validation_loss(name):
 
 def test_lm_infinite_effect_on_tiny_rope(tmp_path):
     """The effect the project exists to show: past the training length vanilla degrades, LM-Infinite not."""
-    args = ["ppl", "--model", "tiny-rope", "--lengths", "1x,8x", "--num-docs", "4", "--bucket-size", "128",
-            "--output-dir", str(tmp_path)]
+    args = [
+        "ppl",
+        "--model",
+        "tiny-rope",
+        "--lengths",
+        "1x,8x",
+        "--num-docs",
+        "4",
+        "--bucket-size",
+        "128",
+        "--output-dir",
+        str(tmp_path),
+    ]
     res = CliRunner().invoke(app, args)
     assert res.exit_code == 0, res.output
     ppl = pd.read_csv(tmp_path / "ppl.csv", index_col=0)
