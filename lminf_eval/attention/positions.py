@@ -7,7 +7,6 @@ an offset; for ALiBi it is just a different bias. Both are derived from the mode
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -78,7 +77,3 @@ def bloom_slopes(n_heads: int) -> torch.Tensor:
     from transformers.models.bloom.modeling_bloom import _get_alibi_slopes
 
     return _get_alibi_slopes(n_heads, torch.device("cpu")).float()
-
-
-def is_finite(x: float) -> bool:
-    return x is not None and not math.isinf(x)
