@@ -47,8 +47,13 @@ def test_inside_window_equals_vanilla(name):
     torch.testing.assert_close(logits(model, ids), vanilla, atol=ATOL, rtol=0)
 
 
+@pytest.mark.parametrize("band", [True, False], ids=["band", "masked"])
 @pytest.mark.parametrize("name", FAMILY_NAMES)
-def test_long_padded_batch_matches_reference_and_alone(name, monkeypatch):
+def test_long_padded_batch_matches_reference_and_alone(name, band, monkeypatch):
+    """`band`: plain windows run as unmasked band calls (the usual path); off, every block takes the masked one."""
+    from lminf_eval.attention import kernel
+
+    monkeypatch.setattr(kernel, "BAND", band)
     model = apply_lm_infinite(tiny_model(name), n_global=G, **lm_kwargs(name))
     n = 9 * L_PRE
     ids, mask = left_padded([n, n - 23], n)

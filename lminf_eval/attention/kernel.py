@@ -2,13 +2,17 @@
 
 Keys arrive in slot order: `n_head_slots` leading slots that are always scanned (they hold every row's first
 g real tokens), then a contiguous run in which slot distance equals token distance (true for left or right
-padding). Queries are processed in blocks. For each block the keys split three ways:
-- the bulk of the window, seen by every query of the block with its ordinary score: one unmasked fused call;
-- the edges (head slots, the window's ragged left edge, the block's own causal square): a masked fused call;
+padding). Queries are processed in blocks of n rows. For each block the keys split into parts, each one
+fused attention call, merged by log-sum-exp:
+- the band: when the block's local window is all real, contiguous tokens (the usual case), it is three
+  unmasked calls: the bulk seen by every query, the block's own n x n causal square (`is_causal`), and the
+  window's ragged left edge, an n x n anti-causal triangle run as a causal one on row-reversed inputs;
+- otherwise (padding or cache gaps inside the window) the bulk as one unmasked call and the rest masked;
+- the head slots (global tokens) before the window, masked;
 - keys past the distance ceiling (RoPE; the global keys when w <= L): a small second branch whose scores
   use the re-rotated query and the unrotated key.
-The three are merged by log-sum-exp. Which slot goes where depends only on the plan, so it is worked out
-once per forward and shared by all layers (`Plan.memo`).
+Which slot goes where depends only on the plan, so it is worked out once per forward and shared by all
+layers (`Plan.memo`).
 """
 
 from __future__ import annotations
@@ -21,12 +25,14 @@ import torch
 from .positions import Alibi, Rope
 
 # Query rows per block: the CPU fused kernel runs best at ~1024 rows (measured here); at most w/4 rows leaves
-# most of the window visible to the whole block, so most keys need no mask.
+# most of the window visible to the whole block.
 BLOCK = 1024
 # Bytes of per-forward layout (masks, rotations) kept for reuse by later layers.
 MEMO_BUDGET = 1 << 28
 # Use PyTorch's fused CPU flash kernel on CPU tensors (tests turn it off to check the plain-math path).
 FUSED_CPU = True
+# Run plain local windows as unmasked band calls (tests turn it off to check the masked path alone).
+BAND = True
 
 
 @dataclass
@@ -55,17 +61,18 @@ class Settings:
 class Layout:
     """One query block's key split, independent of the layer."""
 
-    mid: slice | None  # keys seen by every query with an ordinary score (no mask)
-    keys: torch.Tensor | slice  # the other candidate keys
-    bias: torch.Tensor  # [b, 1 or h, n, len(keys)]: bool visibility (RoPE; 1 byte a pair while memoised)
-    # or the additive ALiBi bias with -inf where not visible
-    far: torch.Tensor | None = None  # positions in `keys` past the ceiling for some query (RoPE)
+    band: tuple[int, int, int] | None  # key slots (a, m, q): ragged edge [a, m), bulk [m, q), causal square from q
+    mid: slice | None  # keys seen by every query with an ordinary score (no mask), when there is no band
+    keys: torch.Tensor  # the other candidate key slots, masked
+    bias: torch.Tensor | None  # [b, 1 or h, n, len(keys)]: bool visibility (RoPE; 1 byte a pair while memoised)
+    # or the additive ALiBi bias with -inf where not visible; None when no pair is visible
+    far: torch.Tensor | None = None  # key slots past the ceiling for some query (RoPE)
     far_visible: torch.Tensor | None = None  # [b, 1, 1, n, len(far)]
     q_turn: tuple | None = None  # rotation of the block's queries to position L
     k_turn: tuple | None = None  # rotation of the far keys back to position 0
 
     def nbytes(self) -> int:
-        tensors = [self.bias, self.far_visible, *(self.q_turn or ()), *(self.k_turn or ())]
+        tensors = [self.keys, self.bias, self.far_visible, *(self.q_turn or ()), *(self.k_turn or ())]
         return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 
@@ -102,24 +109,50 @@ def lambda_attention(
     return out
 
 
+def _band(plan: Plan, head: int, q_lo: int, q_hi: int, cfg: Settings, position) -> tuple[int, int, int] | None:
+    """Key slots (a, m, q_lo) when the local window of queries [q_lo, q_hi) is a plain band: every slot from a
+    on is a real, non-global token, contiguous with the next, never past the ceiling, so visibility depends
+    on distance alone. None where that does not hold (padding or gaps in the window, the window reaching
+    into the head slots, ALiBi, a ceiling inside the window, single-query decode steps)."""
+    n, w = q_hi - q_lo, cfg.n_local
+    if not BAND or not isinstance(position, Rope) or n < 2 or cfg.limit_distance < w:
+        return None
+    if not math.isfinite(w) or q_hi <= w:  # every query sees every earlier slot
+        a = m = 0
+    else:
+        a = q_lo - int(w) + 1  # the first query's oldest key; the last query's is a + n - 1
+        m = a + n
+        if a < head or m > q_lo:
+            return None
+    idx = plan.k_idx[:, a:q_hi]
+    if not bool(plan.k_valid[:, a:q_hi].all()) or not bool((idx[:, 1:] - idx[:, :-1] == 1).all()):
+        return None
+    if a > 0 and not bool((idx[:, 0] >= cfg.n_global).all()):
+        return None
+    return a, m, q_lo
+
+
 def _layout(plan: Plan, first: int, s: int, e: int, cfg: Settings, position, dtype) -> Layout:
     """Split the keys of query block [s, e) (key slots first+s .. first+e-1) and build its masks."""
     head = min(plan.n_head_slots, first + e)
     q_lo, q_hi = first + s, first + e
     w, limit = cfg.n_local, cfg.limit_distance
-    near = min(w, limit)  # distances below both: visible with the ordinary score
-    lo = max(head, q_lo - int(w) + 1) if math.isfinite(w) else head  # oldest key any query may see locally
-    m0 = max(q_hi - int(near), 0) if math.isfinite(near) else 0  # oldest key near to the block's last query
-    mid = None
-    if isinstance(position, Rope) and (m0 >= head or m0 == 0) and q_lo - m0 >= max(1, (e - s) // 2):
-        if bool(plan.k_valid[:, m0:q_lo].all()):
-            mid = slice(m0, q_lo)
-    if mid is None:
-        keys = torch.cat((torch.arange(head), torch.arange(lo, q_hi))) if lo > head else torch.arange(q_hi)
-    elif m0 == 0:
-        keys = torch.arange(q_lo, q_hi)
+    band, mid = _band(plan, head, q_lo, q_hi, cfg, position), None
+    if band is not None:
+        keys = torch.arange(min(head, band[0]))
     else:
-        keys = torch.cat((torch.arange(head), torch.arange(lo, m0), torch.arange(q_lo, q_hi)))
+        near = min(w, limit)  # distances below both: visible with the ordinary score
+        lo = max(head, q_lo - int(w) + 1) if math.isfinite(w) else head  # oldest key any query may see locally
+        m0 = max(q_hi - int(near), 0) if math.isfinite(near) else 0  # oldest key near to the block's last query
+        if isinstance(position, Rope) and (m0 >= head or m0 == 0) and q_lo - m0 >= max(1, (e - s) // 2):
+            if bool(plan.k_valid[:, m0:q_lo].all()):
+                mid = slice(m0, q_lo)
+        if mid is None:
+            keys = torch.cat((torch.arange(head), torch.arange(lo, q_hi))) if lo > head else torch.arange(q_hi)
+        elif m0 == 0:
+            keys = torch.arange(q_lo, q_hi)
+        else:
+            keys = torch.cat((torch.arange(head), torch.arange(lo, m0), torch.arange(q_lo, q_hi)))
     keys = keys.to(plan.k_idx.device)
     qi, ki, kv = plan.q_idx[:, s:e], plan.k_idx[:, keys], plan.k_valid[:, keys]
     dist = qi[:, :, None] - ki[:, None, :]  # [b, n, K']
@@ -129,57 +162,72 @@ def _layout(plan: Plan, first: int, s: int, e: int, cfg: Settings, position, dty
         bias = (-position.slopes.to(dist.device).view(1, -1, 1, 1) * d[:, None]).masked_fill_(
             ~visible[:, None], -math.inf
         )
-        return Layout(None, keys, bias.to(dtype))
-    lay = Layout(mid, keys, bias=None)
+        return Layout(None, None, keys, bias.to(dtype))
+    lay = Layout(band, mid, keys, bias=None)
     if math.isfinite(limit):
         far_pairs = visible & (dist >= limit)
         cols = far_pairs.any(1).any(0).nonzero().squeeze(1)
         if cols.numel():
-            lay.far, lay.far_visible = cols, far_pairs[:, None, None, :, cols]
+            lay.far, lay.far_visible = keys[cols], far_pairs[:, None, None, :, cols]
             visible[:, :, cols] &= ~far_pairs[:, :, cols]
             lay.q_turn = position.rotation(limit - qi, dtype)
             lay.k_turn = position.rotation(-ki[:, cols], dtype)
-    lay.bias = visible[:, None]
+    if bool(visible.any()) or (band is None and mid is None and lay.far is None):  # (a part for padding rows)
+        lay.bias = visible[:, None]
     return lay
 
 
 def _block(q, key, value, lay: Layout, position, scaling) -> torch.Tensor:
-    k, v = key[:, :, lay.keys], value[:, :, lay.keys]
-    bias = lay.bias if lay.bias.dtype != torch.bool else torch.where(lay.bias, 0.0, -math.inf).to(q.dtype)
-    out, lse = _flash(q, k, v, bias, scaling)
+    parts = []
+    if lay.band is not None:
+        a, m, q_lo = lay.band
+        square = slice(q_lo, q_lo + q.shape[2])
+        parts.append(_flash(q, key[:, :, square], value[:, :, square], None, scaling, causal=True))
+        if q_lo > m:
+            parts.append(_flash(q, key[:, :, m:q_lo], value[:, :, m:q_lo], None, scaling))
+        if m > a:  # query r sees edge key t iff t >= r: causal once both are reversed
+            out, lse = _flash(q.flip(2), key[:, :, a:m].flip(2), value[:, :, a:m].flip(2), None, scaling, True)
+            parts.append((out.flip(2), lse.flip(-1)))
     if lay.mid is not None:
-        out, lse = _merge(out, lse, *_flash(q, key[:, :, lay.mid], value[:, :, lay.mid], None, scaling))
+        parts.append(_flash(q, key[:, :, lay.mid], value[:, :, lay.mid], None, scaling))
+    if lay.bias is not None:
+        bias = lay.bias if lay.bias.dtype != torch.bool else torch.where(lay.bias, 0.0, -math.inf).to(q.dtype)
+        parts.append(_flash(q, key[:, :, lay.keys], value[:, :, lay.keys], bias, scaling))
     if lay.far is not None:
-        s2 = _raw_scores(position.apply(q, lay.q_turn), position.apply(k[:, :, lay.far], lay.k_turn), scaling)
-        s2 = s2.masked_fill_(~lay.far_visible, -math.inf)
+        k = position.apply(key[:, :, lay.far], lay.k_turn)
+        s2 = _raw_scores(position.apply(q, lay.q_turn), k, scaling).masked_fill_(~lay.far_visible, -math.inf)
         b, hq, n = q.shape[:3]
-        out, lse = _merge(out, lse, _attend(s2, v[:, :, lay.far]), torch.logsumexp(s2, dim=-1).view(b, hq, n))
-    return out
+        parts.append((_attend(s2, value[:, :, lay.far]), torch.logsumexp(s2, dim=-1).view(b, hq, n)))
+    return _merge(parts)
 
 
-def _flash(q, k, v, bias, scaling):
-    """Attention with its log-sum-exp. On CPU PyTorch's fused flash kernel (fp32 accumulation, native GQA);
-    elsewhere the same in plain fp32 math, blockwise so memory stays O(block x keys)."""
+def _flash(q, k, v, bias, scaling, causal=False):
+    """Attention with its log-sum-exp (`causal`: query r sees keys 0..r). On CPU PyTorch's fused flash kernel
+    (fp32 accumulation, native GQA); elsewhere the same in plain fp32 math, O(block x keys) memory."""
     if FUSED_CPU and q.device.type == "cpu":
         return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            q, k, v, 0.0, False, attn_mask=bias, scale=scaling
+            q, k, v, 0.0, causal, attn_mask=bias, scale=scaling
         )
     b, hk = q.shape[0], k.shape[1]
     s = _raw_scores(q, k, scaling)
     if bias is not None:
         heads = (1, 1) if bias.shape[1] == 1 else (hk, bias.shape[1] // hk)
         s = s + bias.float().view(b, *heads, *bias.shape[2:])
+    if causal:
+        s = s.masked_fill_(torch.ones(s.shape[-2:], dtype=torch.bool, device=s.device).triu_(1), -math.inf)
     return _attend(s, v), torch.logsumexp(s, dim=-1).view(b, q.shape[1], q.shape[2])
 
 
-def _merge(o1, l1, o2, l2):
-    """Combine two softmax-attention results over disjoint key sets from their log-sum-exps. A row that saw
-    no key in one part has out 0 there and weighs by its other part alone."""
-    top = torch.maximum(l1, l2)
-    w1, w2 = (l1 - top).exp().nan_to_num_(0.0), (l2 - top).exp().nan_to_num_(0.0)
-    total = w1 + w2
-    out = (o1.float() * w1[..., None] + o2.float() * w2[..., None]) / total.clamp_min(1e-30)[..., None]
-    return out, top + total.log()
+def _merge(parts):
+    """Combine softmax-attention results over disjoint key sets from their log-sum-exps. A row that saw no
+    key in a part has weight 0 there and weighs by the other parts alone."""
+    if len(parts) == 1:
+        return parts[0][0]
+    lse = torch.stack([p[1] for p in parts])
+    top = lse.max(0).values
+    weights = (lse - top).exp_().nan_to_num_(0.0)
+    out = sum(o.float() * wt[..., None] for (o, _), wt in zip(parts, weights, strict=True))
+    return out / weights.sum(0).clamp_min(1e-30)[..., None]
 
 
 def _grouped(q: torch.Tensor, n_kv: int) -> torch.Tensor:
