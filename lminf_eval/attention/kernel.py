@@ -33,6 +33,8 @@ MEMO_BUDGET = 1 << 28
 FUSED_CPU = True
 # Run plain local windows as unmasked band calls (tests turn it off to check the masked path alone).
 BAND = True
+# Devices that take the FlexAttention path (flex.py) instead of the blocks below; tests add "cpu".
+FLEX_DEVICES = ("cuda",)
 
 
 @dataclass
@@ -87,6 +89,18 @@ def lambda_attention(
     layer_idx: int = 0,
 ) -> torch.Tensor:
     """query [b, hq, Q, d], key/value [b, hk, K, d] -> output [b, hq, Q, dv] in query's dtype."""
+    if query.device.type in FLEX_DEVICES:
+        from .flex import flex_lambda_attention
+
+        out = flex_lambda_attention(query, key, value, plan, cfg, position, scaling)
+    else:
+        out = _blocked(query, key, value, plan, cfg, position, scaling)
+    if cfg.top_k and layer_idx >= cfg.top_k_from_layer:
+        out[:, :, -1:] = _last_row_with_top_k(query[:, :, -1:], key, value, plan, cfg, position, scaling)
+    return out
+
+
+def _blocked(query, key, value, plan: Plan, cfg: Settings, position, scaling: float) -> torch.Tensor:
     n_q = query.shape[2]
     out = query.new_empty(*query.shape[:3], value.shape[-1])
     w = cfg.n_local
@@ -104,8 +118,6 @@ def lambda_attention(
                 plan.memo[memo_key] = lay
                 plan.memo_bytes += lay.nbytes()
         out[:, :, s:e] = _block(query[:, :, s:e], key, value, lay, position, scaling).to(out.dtype)
-    if cfg.top_k and layer_idx >= cfg.top_k_from_layer:
-        out[:, :, -1:] = _last_row_with_top_k(query[:, :, -1:], key, value, plan, cfg, position, scaling)
     return out
 
 

@@ -1,0 +1,85 @@
+"""The Λ-attention of kernel.py as FlexAttention calls: the fused path on CUDA.
+
+Two calls over all key slots, merged by log-sum-exp: the near pairs (visible, distance below the ceiling)
+with the model's own q·k, and the far pairs (visible, at or past the ceiling) with the query re-rotated to L
+and the key rotated back to 0 (RoPE; with w <= L only the head slots can be far, so that call is small).
+ALiBi needs one call, the clamped distance going in as a score_mod. The block masks depend only on the plan:
+they are built once per forward and shared by all layers (`Plan.memo`). On CUDA both flex_attention and
+create_block_mask are compiled (fused, block-sparse, never n x n); elsewhere they run eagerly, which
+materialises the scores, so tests use this path on CPU at small sizes only.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import cache
+
+import torch
+from torch.nn.attention.flex_attention import AuxRequest, create_block_mask, flex_attention
+
+from .positions import Alibi, Rope
+
+BIG = 1 << 40  # stands in for an infinite window or ceiling in integer comparisons
+
+
+@cache
+def _compiled():
+    return torch.compile(flex_attention), torch.compile(create_block_mask)
+
+
+def _ops(device: torch.device):
+    return _compiled() if device.type == "cuda" else (flex_attention, create_block_mask)
+
+
+def flex_lambda_attention(query, key, value, plan, cfg, position, scaling) -> torch.Tensor:
+    """query [b, hq, Q, d], key/value [b, hk, K, d] -> [b, hq, Q, dv]; same semantics as `lambda_attention`."""
+    attend, block_mask = _ops(query.device)
+    b, _, n_q, _ = query.shape
+    n_k = key.shape[2]
+    w = int(cfg.n_local) if math.isfinite(cfg.n_local) else BIG
+    limit = int(cfg.limit_distance) if math.isfinite(cfg.limit_distance) else BIG
+    q_idx, k_idx, k_valid, g = plan.q_idx, plan.k_idx, plan.k_valid, cfg.n_global
+    rope_far = isinstance(position, Rope) and limit < BIG
+
+    def visible(bi, h, q, k):
+        d = q_idx[bi, q] - k_idx[bi, k]
+        return k_valid[bi, k] & (d >= 0) & ((d < w) | (k_idx[bi, k] < g))
+
+    def near(bi, h, q, k):
+        return visible(bi, h, q, k) & (q_idx[bi, q] - k_idx[bi, k] < limit)
+
+    def far(bi, h, q, k):
+        return visible(bi, h, q, k) & (q_idx[bi, q] - k_idx[bi, k] >= limit)
+
+    n_far = plan.n_head_slots if w <= limit else n_k  # far keys live in the head slots when w <= L
+    memo_key = ("flex", n_q, n_k, query.device)
+    masks = plan.memo.get(memo_key)
+    if masks is None:
+        masks = (
+            block_mask(near if rope_far else visible, b, None, n_q, n_k, device=query.device),
+            block_mask(far, b, None, n_q, n_far, device=query.device) if rope_far and n_far else None,
+        )
+        plan.memo[memo_key] = masks
+    score_mod = None
+    if isinstance(position, Alibi):
+        slopes = position.slopes.to(query.device, torch.float32)
+
+        def score_mod(score, bi, h, q, k):
+            d = torch.clamp(q_idx[bi, q] - k_idx[bi, k], max=limit)
+            return score - slopes[h] * d
+
+    out, aux = attend(
+        query, key, value, score_mod, masks[0], scale=scaling, enable_gqa=True, return_aux=AuxRequest(lse=True)
+    )
+    if masks[1] is None:
+        return out
+    q_far = position.rotate(query, limit - q_idx)
+    k_far = position.rotate(key[:, :, :n_far], -k_idx[:, :n_far])
+    out2, aux2 = attend(
+        q_far, k_far, value[:, :, :n_far], None, masks[1], scale=scaling, enable_gqa=True,
+        return_aux=AuxRequest(lse=True),
+    )  # fmt: skip
+    lse = torch.stack((aux.lse, aux2.lse)).float()
+    weights = (lse - lse.max(0).values).exp_().nan_to_num_(0.0)
+    merged = out.float() * weights[0, ..., None] + out2.float() * weights[1, ..., None]
+    return (merged / weights.sum(0).clamp_min(1e-30)[..., None]).to(query.dtype)
