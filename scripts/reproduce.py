@@ -2,7 +2,8 @@
 
     python scripts/reproduce.py [--profile quick|default|paper]
 
-quick (~15-20 min on a 2-core CPU) and default (a few hours) run offline on the shipped models and corpora;
+quick (~15-20 min on a 2-core CPU) and default (~4.2 h, the sum of its steps' times measured or estimated
+here; not yet run end to end) run offline on the shipped models and corpora;
 paper runs the real grid (7B models, hub corpora; configs/paper-*.yaml) on a GPU machine with hub access.
 Each step writes its own folder and is skipped once complete, resumed if interrupted; TABLES.md then
 collects every table with the command, machine and versions that produced it.
@@ -100,7 +101,7 @@ def steps(profile: str) -> list[tuple[str, list[str]]]:
                 "--lengths",
                 "12k" if quick else "8k,12k,16k",
                 "--num-samples",
-                "2" if quick else "6",
+                "2" if quick else "4",
             ],
         ),
         (
