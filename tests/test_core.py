@@ -154,7 +154,7 @@ def test_ablation_presets_equal_reference(name, preset, monkeypatch):
     torch.testing.assert_close(ours[real], logits(model, ids, mask)[real], atol=ATOL, rtol=0)
 
 
-FLEX_CASES = [(name, "lm-infinite") for name in ("llama", "qwen3", "gpt_neox", "phi", "gptj", "mpt", "bloom")]
+FLEX_CASES = [(name, "lm-infinite") for name in FAMILY_NAMES]
 FLEX_CASES += [("llama", "ceiling-only"), ("gptj", "window"), ("mpt", "ceiling-only")]
 
 
