@@ -35,6 +35,7 @@ reproduce: setup
 ## bench: core speed/memory benchmark, vanilla SDPA vs LM-Infinite on SmolLM2-135M
 bench: setup
 	$(PY) bench/bench_core.py
+	$(PY) bench/bench_tensor_memory.py
 
 ## data: rebuild data/arxiv-sample and data/web-sample from Debian packages
 data: setup
