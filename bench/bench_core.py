@@ -39,12 +39,19 @@ def load(method: str):
     return model
 
 
-def prefill_cell(method: str, n: int, queue) -> None:
+def warm_prefill(method: str, n: int):
+    """The model and n random token ids, after a short warm-up forward: a prefill cell's starting state."""
     torch.manual_seed(0)
     model = load(method)
     ids = torch.randint(0, model.config.vocab_size, (1, n))
     with torch.no_grad():
-        model(ids[:, :256], use_cache=False, logits_to_keep=1)  # warm-up
+        model(ids[:, :256], use_cache=False, logits_to_keep=1)
+    return model, ids
+
+
+def prefill_cell(method: str, n: int, queue) -> None:
+    model, ids = warm_prefill(method, n)
+    with torch.no_grad():
         base = rss_mb()
         t = time.perf_counter()
         model(ids, use_cache=False, logits_to_keep=1)

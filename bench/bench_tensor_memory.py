@@ -11,23 +11,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing as mp
 from pathlib import Path
 
 import torch
 
 
 def cell(method: str, n: int, queue) -> None:
-    from bench_core import load
+    from bench_core import warm_prefill
     from torch.profiler import ProfilerActivity, profile
 
-    torch.manual_seed(0)
-    model = load(method)
-    ids = torch.randint(0, model.config.vocab_size, (1, n))
-    with torch.no_grad():
-        model(ids[:, :256], use_cache=False, logits_to_keep=1)  # warm-up
-        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-            model(ids, use_cache=False, logits_to_keep=1)
+    model, ids = warm_prefill(method, n)
+    with torch.no_grad(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        model(ids, use_cache=False, logits_to_keep=1)
     events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
     live = peak = 0
     for _, nbytes in events:
@@ -37,20 +32,13 @@ def cell(method: str, n: int, queue) -> None:
 
 
 def main() -> None:
+    from bench_core import run
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lengths", default="8192")
     parser.add_argument("--out", default="results/bench")
     args = parser.parse_args()
-    ctx = mp.get_context("spawn")
-    rows = []
-    for n in [int(x) for x in args.lengths.split(",")]:
-        for method in ("vanilla", "lm-infinite"):
-            queue = ctx.Queue()
-            proc = ctx.Process(target=cell, args=(method, n, queue))
-            proc.start()
-            rows.append(queue.get())
-            proc.join()
-            print(json.dumps(rows[-1]), flush=True)
+    rows = [run(cell, method, int(n)) for n in args.lengths.split(",") for method in ("vanilla", "lm-infinite")]
     lines = [
         f"Command: `python bench/bench_tensor_memory.py --lengths {args.lengths}`",
         "",

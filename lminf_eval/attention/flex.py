@@ -17,6 +17,7 @@ from functools import cache
 import torch
 from torch.nn.attention.flex_attention import AuxRequest, create_block_mask, flex_attention
 
+from .kernel import _merge
 from .positions import Alibi, Rope
 
 BIG = 1 << 40  # stands in for an infinite window or ceiling in integer comparisons
@@ -79,7 +80,4 @@ def flex_lambda_attention(query, key, value, plan, cfg, position, scaling) -> to
         q_far, k_far, value[:, :, :n_far], None, masks[1], scale=scaling, enable_gqa=True,
         return_aux=AuxRequest(lse=True),
     )  # fmt: skip
-    lse = torch.stack((aux.lse, aux2.lse)).float()
-    weights = (lse - lse.max(0).values).exp_().nan_to_num_(0.0)
-    merged = out.float() * weights[0, ..., None] + out2.float() * weights[1, ..., None]
-    return (merged / weights.sum(0).clamp_min(1e-30)[..., None]).to(query.dtype)
+    return _merge([(out, aux.lse.float()), (out2, aux2.lse.float())]).to(query.dtype)
