@@ -44,11 +44,11 @@ def reference_attention(query, key, value, plan, cfg, position, scaling, layer_i
 
     plain = torch.einsum("bhid,bhjd->bhij", q, k) * scaling
     if isinstance(position, Alibi):
-        slopes = position.slopes.double().view(1, -1, 1, 1)
+        slopes = position.slopes.to(q.device).double().view(1, -1, 1, 1)
         scores = plain - slopes * d_eff
     else:
         # method.md step 3: below the ceiling the ordinary rotated q.k; at or past it <R(L) q_raw, k_raw>
-        inv = position.inv_freq.double()
+        inv = position.inv_freq.to(q.device).double()
         il = position.interleaved
         q_raw = _rotate_pairs(q, -i * inv, il)  # undo each token's own rotation
         k_raw = _rotate_pairs(k, -plan.k_idx[:, None, :, None].double() * inv, il)

@@ -25,6 +25,9 @@ BIG = 1 << 40  # stands in for an infinite window or ceiling in integer comparis
 
 @cache
 def _compiled():
+    # One model compiles ~6 variants of each (near/far mask, prefill/decode, static then dynamic lengths);
+    # past dynamo's default limit of 8 it would fall back to eager flex, which builds every n x n score.
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     return torch.compile(flex_attention), torch.compile(create_block_mask)
 
 
@@ -36,6 +39,8 @@ def flex_lambda_attention(query, key, value, plan, cfg, position, scaling) -> to
     """query [b, hq, Q, d], key/value [b, hk, K, d] -> [b, hq, Q, dv]; same semantics as `lambda_attention`."""
     attend, block_mask = _ops(query.device)
     b, _, n_q, _ = query.shape
+    if key.shape[1] == 1:  # one K/V head (MQA) viewed in the cache: inductor found no flex kernel for its
+        key, value = key.contiguous(), value.contiguous()  # stride (torch 2.11, H200); a compact copy
     n_k = key.shape[2]
     w = int(cfg.n_local) if math.isfinite(cfg.n_local) else BIG
     limit = int(cfg.limit_distance) if math.isfinite(cfg.limit_distance) else BIG

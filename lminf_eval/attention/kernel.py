@@ -215,11 +215,18 @@ def _block(q, key, value, lay: Layout, position, scaling) -> torch.Tensor:
 
 def _flash(q, k, v, bias, scaling, causal=False):
     """Attention with its log-sum-exp (`causal`: query r sees keys 0..r). On CPU PyTorch's fused flash kernel
-    (fp32 accumulation, native GQA); elsewhere the same in plain fp32 math, O(block x keys) memory."""
+    (fp32 accumulation, native GQA); on CUDA FlashAttention-2 for unmasked half-precision calls (when flex.py
+    is switched off); elsewhere the same in plain fp32 math, O(block x keys) memory."""
     if FUSED_CPU and q.device.type == "cpu":
         return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             q, k, v, 0.0, causal, attn_mask=bias, scale=scaling
         )
+    if q.device.type == "cuda" and bias is None and q.dtype in (torch.float16, torch.bfloat16):
+        groups = q.shape[1] // k.shape[1]  # FlashAttention-2 wants as many K/V heads as query heads
+        if groups > 1:
+            k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, causal, scale=scaling)[:2]
+        return out, lse[..., : q.shape[2]]
     b, hk = q.shape[0], k.shape[1]
     s = _raw_scores(q, k, scaling)
     if bias is not None:

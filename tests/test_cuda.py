@@ -1,0 +1,115 @@
+"""The compiled FlexAttention path on a CUDA device against the O(n^2) reference (skipped without a GPU).
+
+The CPU suite runs flex.py eagerly; only here does it run as it does for users: compiled, block-sparse.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import pytest
+import torch
+from reference import reference_attention
+from test_core import PRESETS, generate, greedy_by_reforward, left_padded, logits
+
+from lminf_eval import apply_lm_infinite
+from lminf_eval import patch as patch_module
+from lminf_eval.attention import flex
+from models import FAMILY_NAMES, L_PRE, VOCAB, lm_kwargs, tiny_model
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+ATOL = 1e-4
+G = 2
+
+
+@pytest.fixture(autouse=True)
+def strict_fp32_and_no_eager_flex():
+    """fp32 matmuls in IEEE precision (TF32 would be a 1e-3 error), and an eager flex call is a failure."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="flex_attention called without torch.compile")
+        yield
+
+
+def on_cuda(name, **kw):
+    return apply_lm_infinite(tiny_model(name).cuda(), **kw)
+
+
+def check_against_reference(model, ids, mask, monkeypatch, chunks=None):
+    calls, real_flex = [], flex.flex_lambda_attention
+    monkeypatch.setattr(flex, "flex_lambda_attention", lambda *a: calls.append(1) or real_flex(*a))
+    ours = logits(model, ids, mask)
+    pieces, cache = [], None
+    for start, end in chunks or []:
+        with torch.no_grad():
+            out = model(ids[:, start:end], attention_mask=mask[:, :end], cache=cache, use_cache=True)
+        pieces.append(out.logits)
+        cache = out.cache
+    with monkeypatch.context() as m:
+        m.setattr(patch_module, "lambda_attention", reference_attention)
+        ref = logits(model, ids, mask)
+    real = mask.bool()
+    assert calls  # the flex path ran
+    torch.testing.assert_close(ours[real], ref[real], atol=ATOL, rtol=0)
+    if pieces:
+        torch.testing.assert_close(torch.cat(pieces, 1)[real], ref[real], atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("name", FAMILY_NAMES)
+def test_compiled_flex_matches_reference(name, monkeypatch):
+    model = on_cuda(name, n_global=G, **lm_kwargs(name))
+    n = 8 * L_PRE
+    ids, mask = left_padded([n, n - 9], n, seed=4)
+    chunks = [(0, 37), (37, 38), (38, 100), (100, n)]
+    check_against_reference(model, ids.cuda(), mask.cuda(), monkeypatch, chunks)
+
+
+@pytest.mark.parametrize("name,preset", [("llama", "ceiling-only"), ("gptj", "window"), ("mpt", "lambda-only")])
+def test_compiled_flex_presets(name, preset, monkeypatch):
+    model = on_cuda(name, **{"n_global": G, **PRESETS[preset], **lm_kwargs(name)})
+    ids, mask = left_padded([8 * L_PRE, 8 * L_PRE - 9], 8 * L_PRE, seed=3)
+    check_against_reference(model, ids.cuda(), mask.cuda(), monkeypatch)
+
+
+@pytest.mark.parametrize("name", ["llama", "mpt"])
+def test_compiled_flex_across_many_blocks(name, monkeypatch):
+    """Windows of 200 over 1.5k tokens: flex's 128-blocks are full, partial and skipped, unlike at L_PRE=16."""
+    w = 200
+    model = on_cuda(name, n_global=5, n_local=w, limit_distance=w if name == "llama" else math.inf)
+    ids, mask = left_padded([1500, 1371], 1500, seed=6)
+    chunks = [(0, 700), (700, 701), (701, 1500)]
+    check_against_reference(model, ids.cuda(), mask.cuda(), monkeypatch, chunks)
+
+
+@pytest.mark.parametrize("name", ["llama", "gptj", "bloom"])
+def test_compiled_flex_generate_equals_cpu(name):
+    """Greedy generate() through the cache on the GPU = full re-forwards on the CPU kernel."""
+    cpu = apply_lm_infinite(tiny_model(name), n_global=G, **lm_kwargs(name))
+    gpu = on_cuda(name, n_global=G, **lm_kwargs(name))
+    ids = torch.randint(1, VOCAB, (1, 3 * L_PRE), generator=torch.Generator().manual_seed(7))
+    steps = 2 * L_PRE
+    new = generate(gpu, ids.cuda(), steps)[:, ids.shape[1] :].cpu()
+    assert torch.equal(new, greedy_by_reforward(cpu, ids, steps))
+
+
+@pytest.mark.parametrize("path", ["flex", "blocks"])
+def test_bf16_kernel_matches_reference(path, monkeypatch):
+    """Half precision, as models run: the flex path and the FlashAttention-2 blocks (flex switched off),
+    one attention call on random q/k/v with GQA, against the float64 reference."""
+    from lminf_eval.attention import kernel
+    from lminf_eval.attention.kernel import Plan, Settings, lambda_attention
+    from lminf_eval.attention.positions import Rope
+
+    if path == "blocks":
+        monkeypatch.setattr(kernel, "FLEX_DEVICES", ())
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    q = torch.randn(1, 8, 2048, 64, device="cuda", generator=gen, dtype=torch.bfloat16)
+    k, v = (torch.randn(1, 2, 2048, 64, device="cuda", generator=gen, dtype=torch.bfloat16) for _ in range(2))
+    idx = torch.arange(2048, device="cuda")[None]
+    inv_freq = 1.0 / (1e4 ** (torch.arange(0, 64, 2, device="cuda").float() / 64))
+    args = (Plan(idx, idx, torch.ones_like(idx, dtype=torch.bool), 4), Settings(4, 512, 512))
+    rope = Rope(None, inv_freq, False)
+    ours = lambda_attention(q, k, v, *args, rope, 0.125)
+    ref = reference_attention(q.double(), k.double(), v.double(), *args, rope, 0.125)
+    torch.testing.assert_close(ours.double(), ref, atol=1e-2, rtol=1e-2)  # bf16 rounding of the output
