@@ -109,6 +109,10 @@ def steps(profile: str) -> list[tuple[str, list[str]]]:
             ["timing", "--model", "smollm2-135m", "--lengths", "8k,16k" if quick else "16k,32k", "--new-tokens", "8"],
         ),
         (
+            "fig1-diagnose-tiny-rope",  # seconds; its position-0 attention share says whether it has a sink
+            ["diagnose", "--model", "tiny-rope", "--method", "vanilla", "--lengths", "4x"],
+        ),
+        (
             "fig1-diagnose-smollm2",
             ["diagnose", "--model", "smollm2-135m", "--method", "vanilla", "--lengths", "12k" if quick else "16k"],
         ),

@@ -1,7 +1,9 @@
 """Why vanilla models fail past L_pre (paper Fig. 1), measured on the unmodified model:
 (a) the largest attention logit seen within distance <= d, per head: it keeps growing past L_pre;
 (b) attention entropy per query row against the number of attended tokens: it keeps growing;
-(c) a 2-D PCA of layer-2 hidden states coloured by position: the first tokens sit apart.
+(c) a 2-D PCA of layer-2 hidden states coloured by position: the first tokens sit apart;
+plus the share of attention on position 0 from queries inside the training window (does the model use its
+first token as a sink, which is what makes LM-Infinite's global tokens matter?).
 Attention statistics are gathered blockwise by a registered attention function, so memory stays O(block x n).
 """
 
@@ -21,6 +23,7 @@ from lminf_eval.runner import Cell, console
 from .base import Task, method_table, ok_rows
 
 BLOCK = 512
+SINK_FROM = 64  # queries from this position on count towards the position-0 share (earlier ones see few keys)
 
 
 def bucket_edges(n: int) -> list[int]:
@@ -31,17 +34,20 @@ def bucket_edges(n: int) -> list[int]:
 class Stats:
     """Per layer: max logit per (head, distance bucket) and mean entropy per query position."""
 
-    def __init__(self, layers: set[int], n: int):
+    def __init__(self, layers: set[int], n: int, l_pre: int):
         self.layers, self.n = layers, n
+        self.sink_rows = (SINK_FROM, max(SINK_FROM + 1, min(n, l_pre)))  # inside the training window
         self.nb = len(bucket_edges(n))
         self.max_logit: dict[int, torch.Tensor] = {}
         self.entropy: dict[int, torch.Tensor] = {}
+        self.sink: dict[int, float] = {}  # mean attention probability on position 0 over `sink_rows`
 
     def observe(self, layer: int, q: torch.Tensor, k: torch.Tensor, scaling: float) -> None:
         b, hq, n, _ = q.shape
         k = k.repeat_interleave(hq // k.shape[1], 1)
         top = torch.full((hq, self.nb), -math.inf)
         ent = torch.empty(n)
+        sink = 0.0
         for s in range(0, n, BLOCK):
             e = min(n, s + BLOCK)
             scores = (q[0, :, s:e].float() @ k[0, :, :e].float().transpose(-1, -2)) * scaling  # [h, B, e]
@@ -53,7 +59,10 @@ class Stats:
             top = top.scatter_reduce(1, idx, flat, reduce="amax")
             p = torch.softmax(scores.masked_fill(~causal, -math.inf), dim=-1)
             ent[s:e] = -(p * torch.log(p.clamp_min(1e-30))).sum(-1).mean(0)
+            lo, hi = self.sink_rows
+            sink += float(p[:, max(0, lo - s) : max(0, hi - s), 0].sum())
         self.max_logit[layer] = top
+        self.sink[layer] = sink / (hq * max(1, min(n, self.sink_rows[1]) - self.sink_rows[0]))
         self.entropy[layer] = ent
 
 
@@ -93,7 +102,7 @@ class Diagnose(Task):
 
     def run_cell(self, ctx, cell) -> dict:
         ids = torch.tensor([cell.data.ids], device=ctx.device)
-        stats = Stats(self.layers(ctx), ids.shape[1])
+        stats = Stats(self.layers(ctx), ids.shape[1], ctx.l_pre)
         AttentionInterface.register("lminf_diagnose", make_attention(stats))
         config = ctx.model.config
         saved, config._attn_implementation = config._attn_implementation, "lminf_diagnose"
@@ -111,6 +120,7 @@ class Diagnose(Task):
             "edges": bucket_edges(ids.shape[1]),
             "max_logit": {str(k): v.tolist() for k, v in stats.max_logit.items()},
             "entropy": {str(k): [round(x, 4) for x in v.tolist()] for k, v in stats.entropy.items()},
+            "sink": {str(k): round(v, 4) for k, v in stats.sink.items()},
             "pca": {"positions": keep, "xy": [[round(xy[i][0], 3), round(xy[i][1], 3)] for i in keep]},
         }
 
@@ -121,7 +131,7 @@ class Diagnose(Task):
         r = rows[0]
         edges, n = r["edges"], ctx.l_pre
         marks = [m for m in (n // 2, n, 2 * n, 4 * n, 8 * n) if m <= edges[-1] * 2]
-        logit, entropy = {}, {}
+        logit, entropy, sink = {}, {}, {}
         for layer, grid in r["max_logit"].items():
             per_head = np.maximum.accumulate(np.array(grid), axis=1)  # max within distance <= bucket end
             for m in marks:
@@ -131,10 +141,13 @@ class Diagnose(Task):
             for m in marks:
                 if m <= len(ent):
                     entropy[f"layer {layer}", f"pos {m}"] = float(ent[max(0, m - 64) : m].mean())
+            if "sink" in r:
+                sink[f"layer {layer}", f"on position 0 ({SINK_FROM}..{n})"] = r["sink"][layer]
         layers = [f"layer {k}" for k in r["max_logit"]]
         return {"doc": r["cell"]["doc"]}, {
             "diagnose_max_logit": method_table(logit, layers, [f"d<={m}" for m in marks], index_name="layer"),
             "diagnose_entropy": method_table(entropy, layers, [f"pos {m}" for m in marks], index_name="layer"),
+            "diagnose_sink": method_table(sink, layers, [f"on position 0 ({SINK_FROM}..{n})"], index_name="layer"),
         }
 
     def plots(self, ctx, rows) -> None:

@@ -133,6 +133,23 @@ def test_diagnose_end_to_end(tiny, tmp_path):
     maxima = pd.read_csv(tmp_path / "diagnose_max_logit.csv", index_col=0)
     assert (maxima.diff(axis=1).iloc[:, 1:] >= 0).all().all()  # "max within <= d" never decreases
     assert (tmp_path / "diagnose.png").stat().st_size > 0
+    sink = pd.read_csv(tmp_path / "diagnose_sink.csv", index_col=0).iloc[:, 0]
+    assert ((sink >= 0) & (sink <= 1)).all()
+
+
+def test_diagnose_sink_share_equals_dense_softmax(monkeypatch):
+    """The blockwise position-0 share against one dense causal softmax, across block boundaries."""
+    from lminf_eval.tasks import diagnose
+
+    monkeypatch.setattr(diagnose, "BLOCK", 70)
+    gen = torch.Generator().manual_seed(0)
+    q, k = torch.randn(1, 4, 300, 8, generator=gen), torch.randn(1, 2, 300, 8, generator=gen)
+    k[:, :, 0] *= 4  # a strong first key, so the share is far from uniform
+    stats = diagnose.Stats({0}, 300, l_pre=200)
+    stats.observe(0, q, k, 0.5)
+    scores = (q @ k.repeat_interleave(2, 1).transpose(-1, -2)) * 0.5
+    p = scores.masked_fill(torch.ones(300, 300, dtype=torch.bool).triu(1), -math.inf).softmax(-1)
+    assert stats.sink[0] == pytest.approx(float(p[0, :, diagnose.SINK_FROM : 200, 0].mean()), rel=1e-5)
 
 
 def test_report_reads_runs(tiny, tmp_path):
