@@ -2,8 +2,8 @@
 
     python scripts/reproduce.py [--profile quick|default|paper]
 
-quick (~15-20 min on a 2-core CPU) and default (~4.2 h, the sum of its steps' times measured or estimated
-here; not yet run end to end) run offline on the shipped models and corpora;
+quick (~15-20 min on a 2-core CPU) and default (~4.1 h, the sum of its steps' wall times measured
+here, over several resumed runs) run offline on the shipped models and corpora;
 paper runs the real grid (7B models, hub corpora; configs/paper-*.yaml) on a GPU machine with hub access.
 Each step writes its own folder and is skipped once complete, resumed if interrupted; TABLES.md then
 collects every table with the command, machine and versions that produced it.
