@@ -118,14 +118,11 @@ def kernel_cell(method: str, n: int, queue) -> None:
         F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
         pairs = n * (n + 1) // 2
     else:
-
-        class Freq:
-            inv_freq = 1.0 / (1e5 ** (torch.arange(0, 64, 2).float() / 64))
-
+        inv_freq = 1.0 / (1e5 ** (torch.arange(0, 64, 2).float() / 64))
         idx = torch.arange(n)[None]
         plan = Plan(idx, idx, torch.ones(1, n, dtype=torch.bool), g)
         t = time.perf_counter()
-        lambda_attention(q, k, v, plan, Settings(g, w, w), Rope(Freq(), None, False), 0.125)
+        lambda_attention(q, k, v, plan, Settings(g, w, w), Rope(None, inv_freq, False), 0.125)
         pairs = sum(min(i + 1, w) + (g if i >= w else 0) for i in range(n))
     seconds = time.perf_counter() - t
     queue.put(

@@ -47,7 +47,7 @@ class Stats:
         k = k.repeat_interleave(hq // k.shape[1], 1)
         top = torch.full((hq, self.nb), -math.inf)
         ent = torch.empty(n)
-        sink = 0.0
+        sink, (lo, hi) = 0.0, self.sink_rows
         for s in range(0, n, BLOCK):
             e = min(n, s + BLOCK)
             scores = (q[0, :, s:e].float() @ k[0, :, :e].float().transpose(-1, -2)) * scaling  # [h, B, e]
@@ -59,10 +59,9 @@ class Stats:
             top = top.scatter_reduce(1, idx, flat, reduce="amax")
             p = torch.softmax(scores.masked_fill(~causal, -math.inf), dim=-1)
             ent[s:e] = -(p * torch.log(p.clamp_min(1e-30))).sum(-1).mean(0)
-            lo, hi = self.sink_rows
             sink += float(p[:, max(0, lo - s) : max(0, hi - s), 0].sum())
         self.max_logit[layer] = top
-        self.sink[layer] = sink / (hq * max(1, min(n, self.sink_rows[1]) - self.sink_rows[0]))
+        self.sink[layer] = sink / (hq * (hi - lo))
         self.entropy[layer] = ent
 
 

@@ -158,26 +158,20 @@ FLEX_CASES = [(name, "lm-infinite") for name in FAMILY_NAMES]
 FLEX_CASES += [("llama", "ceiling-only"), ("gptj", "window"), ("mpt", "ceiling-only")]
 
 
-@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
-@pytest.mark.parametrize("name,preset", FLEX_CASES)
-def test_flex_path_matches_reference(name, preset, monkeypatch):
-    """The fused CUDA path (FlexAttention), run eagerly on CPU: the reference's numbers, also through the cache."""
-    from lminf_eval.attention import flex, kernel
+def assert_flex_matches_reference(model, ids, mask, monkeypatch, chunks=()):
+    """The flex path ran, and its logits equal the reference's, in one forward and chunk by chunk through
+    the cache (`chunks`: (start, end) pieces). Shared with the compiled-on-CUDA checks in test_cuda.py."""
+    from lminf_eval.attention import flex
 
-    monkeypatch.setattr(kernel, "FLEX_DEVICES", ("cpu",))
     calls, real_flex = [], flex.flex_lambda_attention
     monkeypatch.setattr(flex, "flex_lambda_attention", lambda *a: calls.append(1) or real_flex(*a))
-    kwargs = {"n_global": G, **PRESETS.get(preset, {}), **lm_kwargs(name)}
-    model = apply_lm_infinite(tiny_model(name), **kwargs)
-    ids, mask = left_padded([8 * L_PRE, 8 * L_PRE - 9], 8 * L_PRE, seed=4)
     ours = logits(model, ids, mask)
     pieces, cache = [], None
-    if preset != "ceiling-only":  # (ceiling-only has an unbounded window: no LM-Infinite cache)
-        for start, end in [(0, 37), (37, 38), (38, 100), (100, 8 * L_PRE)]:
-            with torch.no_grad():
-                out = model(ids[:, start:end], attention_mask=mask[:, :end], cache=cache, use_cache=True)
-            pieces.append(out.logits)
-            cache = out.cache
+    for start, end in chunks:
+        with torch.no_grad():
+            out = model(ids[:, start:end], attention_mask=mask[:, :end], cache=cache, use_cache=True)
+        pieces.append(out.logits)
+        cache = out.cache
     with monkeypatch.context() as m:
         m.setattr(patch_module, "lambda_attention", reference_attention)
         ref = logits(model, ids, mask)
@@ -186,6 +180,21 @@ def test_flex_path_matches_reference(name, preset, monkeypatch):
     torch.testing.assert_close(ours[real], ref[real], atol=ATOL, rtol=0)
     if pieces:
         torch.testing.assert_close(torch.cat(pieces, 1)[real], ref[real], atol=ATOL, rtol=0)
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+@pytest.mark.parametrize("name,preset", FLEX_CASES)
+def test_flex_path_matches_reference(name, preset, monkeypatch):
+    """The fused CUDA path (FlexAttention), run eagerly on CPU: the reference's numbers, also through the cache."""
+    from lminf_eval.attention import kernel
+
+    monkeypatch.setattr(kernel, "FLEX_DEVICES", ("cpu",))
+    kwargs = {"n_global": G, **PRESETS.get(preset, {}), **lm_kwargs(name)}
+    model = apply_lm_infinite(tiny_model(name), **kwargs)
+    ids, mask = left_padded([8 * L_PRE, 8 * L_PRE - 9], 8 * L_PRE, seed=4)
+    # (ceiling-only has an unbounded window: no LM-Infinite cache to chunk through)
+    chunks = [] if preset == "ceiling-only" else [(0, 37), (37, 38), (38, 100), (100, 8 * L_PRE)]
+    assert_flex_matches_reference(model, ids, mask, monkeypatch, chunks)
 
 
 def test_ceiling_only_differs_from_vanilla_past_the_window():

@@ -11,15 +11,12 @@ import warnings
 import pytest
 import torch
 from reference import reference_attention
-from test_core import PRESETS, generate, greedy_by_reforward, left_padded, logits
+from test_core import PRESETS, assert_flex_matches_reference, generate, greedy_by_reforward, left_padded
 
 from lminf_eval import apply_lm_infinite
-from lminf_eval import patch as patch_module
-from lminf_eval.attention import flex
 from models import FAMILY_NAMES, L_PRE, VOCAB, lm_kwargs, tiny_model
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-ATOL = 1e-4
 G = 2
 
 
@@ -36,40 +33,20 @@ def on_cuda(name, **kw):
     return apply_lm_infinite(tiny_model(name).cuda(), **kw)
 
 
-def check_against_reference(model, ids, mask, monkeypatch, chunks=None):
-    calls, real_flex = [], flex.flex_lambda_attention
-    monkeypatch.setattr(flex, "flex_lambda_attention", lambda *a: calls.append(1) or real_flex(*a))
-    ours = logits(model, ids, mask)
-    pieces, cache = [], None
-    for start, end in chunks or []:
-        with torch.no_grad():
-            out = model(ids[:, start:end], attention_mask=mask[:, :end], cache=cache, use_cache=True)
-        pieces.append(out.logits)
-        cache = out.cache
-    with monkeypatch.context() as m:
-        m.setattr(patch_module, "lambda_attention", reference_attention)
-        ref = logits(model, ids, mask)
-    real = mask.bool()
-    assert calls  # the flex path ran
-    torch.testing.assert_close(ours[real], ref[real], atol=ATOL, rtol=0)
-    if pieces:
-        torch.testing.assert_close(torch.cat(pieces, 1)[real], ref[real], atol=ATOL, rtol=0)
-
-
 @pytest.mark.parametrize("name", FAMILY_NAMES)
 def test_compiled_flex_matches_reference(name, monkeypatch):
     model = on_cuda(name, n_global=G, **lm_kwargs(name))
     n = 8 * L_PRE
     ids, mask = left_padded([n, n - 9], n, seed=4)
     chunks = [(0, 37), (37, 38), (38, 100), (100, n)]
-    check_against_reference(model, ids.cuda(), mask.cuda(), monkeypatch, chunks)
+    assert_flex_matches_reference(model, ids.cuda(), mask.cuda(), monkeypatch, chunks)
 
 
 @pytest.mark.parametrize("name,preset", [("llama", "ceiling-only"), ("gptj", "window"), ("mpt", "lambda-only")])
 def test_compiled_flex_presets(name, preset, monkeypatch):
     model = on_cuda(name, **{"n_global": G, **PRESETS[preset], **lm_kwargs(name)})
     ids, mask = left_padded([8 * L_PRE, 8 * L_PRE - 9], 8 * L_PRE, seed=3)
-    check_against_reference(model, ids.cuda(), mask.cuda(), monkeypatch)
+    assert_flex_matches_reference(model, ids.cuda(), mask.cuda(), monkeypatch)
 
 
 @pytest.mark.parametrize("name", ["llama", "mpt"])
@@ -79,7 +56,7 @@ def test_compiled_flex_across_many_blocks(name, monkeypatch):
     model = on_cuda(name, n_global=5, n_local=w, limit_distance=w if name == "llama" else math.inf)
     ids, mask = left_padded([1500, 1371], 1500, seed=6)
     chunks = [(0, 700), (700, 701), (701, 1500)]
-    check_against_reference(model, ids.cuda(), mask.cuda(), monkeypatch, chunks)
+    assert_flex_matches_reference(model, ids.cuda(), mask.cuda(), monkeypatch, chunks)
 
 
 @pytest.mark.parametrize("name", ["llama", "gptj", "bloom"])
