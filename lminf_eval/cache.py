@@ -1,8 +1,10 @@
 """A KV cache that keeps only what LM-Infinite can still attend to: the first g tokens and the last w.
 
 Keys stay at their original positions (they are stored already rotated), so local distances stay exact and
-feeding a text in chunks equals one forward over it. Slots are appended into a buffer with some slack and
-compacted after a forward once the slack is used, so per-token cost is an append, not a copy of the cache.
+feeding a text in chunks equals one forward over it. Slots are appended into a buffer with some slack; once
+the slack is used, the forward that overflows it stores only the surviving slots (each layer's attention
+still reads all of that forward's keys), so per-token cost is an append, and even a long prompt read in one
+forward never holds more than the bound.
 """
 
 from __future__ import annotations
@@ -32,6 +34,19 @@ class LMInfiniteLayer(DynamicLayer):
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
+        slots = self.owner.keep_slots
+        if slots is not None:  # this forward overflows the slack: attend to everything, store the survivors
+            keys, values = key_states, value_states
+            if self.used:
+                keys = torch.cat((self.keys[:, :, : self.used], key_states), 2)
+                values = torch.cat((self.values[:, :, : self.used], value_states), 2)
+            m, capacity = slots.numel(), slots.numel() + self.owner.slack
+            if not m <= self.keys.shape[-2] <= 2 * capacity:  # (a long prompt's buffer is given back)
+                self.keys, self.values = self._empty(keys, capacity), self._empty(values, capacity)
+            self.keys[:, :, :m] = keys.index_select(2, slots)
+            self.values[:, :, :m] = values.index_select(2, slots)
+            self.used = m
+            return keys, values
         n = key_states.shape[-2]
         if self.used + n > self.keys.shape[-2]:
             self._resize(self.used + n + self.owner.slack)
@@ -40,22 +55,15 @@ class LMInfiniteLayer(DynamicLayer):
         self.used += n
         return self.keys[:, :, : self.used], self.values[:, :, : self.used]
 
+    @staticmethod
+    def _empty(like: torch.Tensor, capacity: int) -> torch.Tensor:
+        return like.new_empty(*like.shape[:2], capacity, like.shape[-1])
+
     def _resize(self, capacity: int) -> None:
-        keys = self.keys.new_empty(*self.keys.shape[:2], capacity, self.keys.shape[-1])
-        values = self.values.new_empty(*self.values.shape[:2], capacity, self.values.shape[-1])
+        keys, values = self._empty(self.keys, capacity), self._empty(self.values, capacity)
         keys[:, :, : self.used] = self.keys[:, :, : self.used]
         values[:, :, : self.used] = self.values[:, :, : self.used]
         self.keys, self.values = keys, values
-
-    def keep(self, slots: torch.Tensor) -> None:
-        if not self.is_initialized:
-            return
-        m = slots.numel()
-        self.keys[:, :, :m] = self.keys[:, :, : self.used].index_select(2, slots)
-        self.values[:, :, :m] = self.values[:, :, : self.used].index_select(2, slots)
-        self.used = m
-        if self.keys.shape[-2] > 2 * (m + self.owner.slack):  # give back a long prompt's buffer
-            self._resize(m + self.owner.slack)
 
     def get_seq_length(self) -> int:
         return self.owner.seen  # positions continue from every token seen, kept or not
@@ -82,6 +90,8 @@ class LMInfiniteCache(Cache):
         self.seen = 0
         self.pending = 0
         self.n_head = 0  # kept slots before the contiguous tail (holding the first g tokens of every row)
+        self.keep_slots: torch.Tensor | None = None  # set for a forward after which slots are dropped
+        self.next_head = 0
         self.slot_idx: torch.Tensor | None = None  # [b, S] real-token index of each slot
         self.slot_valid: torch.Tensor | None = None  # [b, S]
         self.real_count: torch.Tensor | None = None  # [b] real tokens seen per row
@@ -101,30 +111,33 @@ class LMInfiniteCache(Cache):
         self.slot_valid = torch.cat((self.slot_valid, new_valid), 1)
         self.real_count = self.real_count + new_valid.sum(1)
         self.pending = n_new  # counted in `seen` after the forward: the model reads `seen` for positions
-        return make_plan(self.slot_idx, self.slot_valid, n_new, self.n_head, self.n_global)
+        plan = make_plan(self.slot_idx, self.slot_valid, n_new, self.n_head, self.n_global)
+        total = self.slot_idx.shape[1]
+        if math.isfinite(self.n_local) and total > self.n_head + self.n_local + self.slack:
+            # the slack is used up: after this forward keep the first-g slots and the last w
+            tail = total - int(self.n_local)
+            is_global = (self.slot_valid & (self.slot_idx < self.n_global)).any(0)
+            keep = is_global.clone()
+            keep[tail:] = True
+            self.keep_slots = keep.nonzero().squeeze(1)
+            self.next_head = int(is_global[:tail].sum())
+        return plan
 
     def end(self) -> None:
-        """Called after a forward: once the slack is used up, drop the slots no later query can see."""
+        """Called after a forward (whose layers stored only `keep_slots`): the slot bookkeeping follows."""
         self.seen += self.pending
         self.pending = 0
-        total = self.slot_idx.shape[1]
-        if not math.isfinite(self.n_local) or total <= self.n_head + self.n_local + self.slack:
-            return
-        tail = total - int(self.n_local)
-        is_global = (self.slot_valid & (self.slot_idx < self.n_global)).any(0)
-        keep = is_global.clone()
-        keep[tail:] = True
-        slots = keep.nonzero().squeeze(1)
-        self.n_head = int(is_global[:tail].sum())
-        self.slot_idx, self.slot_valid = self.slot_idx[:, slots], self.slot_valid[:, slots]
-        for layer in self.layers:
-            layer.keep(slots)
+        if self.keep_slots is not None:
+            slots, self.keep_slots = self.keep_slots, None
+            self.slot_idx, self.slot_valid = self.slot_idx[:, slots], self.slot_valid[:, slots]
+            self.n_head = self.next_head
 
     def reset(self) -> None:
         super().reset()
         for layer in self.layers:
             layer.used = 0
         self.seen, self.pending, self.n_head = 0, 0, 0
+        self.keep_slots = None
         self.slot_idx = self.slot_valid = self.real_count = None
 
 

@@ -108,6 +108,33 @@ def test_chunked_through_cache_equals_one_forward(name):
     assert cache.layers[0].used < n // 2
 
 
+@pytest.mark.parametrize("name", FAMILY_NAMES)
+def test_long_prompt_in_one_forward_stores_only_the_bound(name):
+    """A prompt 10x the window read in one cached forward: the cache never holds more than head + window +
+    slack slots, even while that forward runs, and continuing from it equals one forward over everything."""
+    model = apply_lm_infinite(tiny_model(name), n_global=G, **lm_kwargs(name))
+    n = 10 * L_PRE
+    ids, mask = left_padded([n, n - 5], n, seed=2)
+    whole = logits(model, ids, mask)
+    cache = LMInfiniteCache(model.config.num_hidden_layers, G, L_PRE)
+    held = []
+    for layer in cache.layers:
+
+        def update(*args, _layer=layer, _update=layer.update, **kw):
+            out = _update(*args, **kw)
+            held.append(_layer.keys.shape[-2])  # buffer capacity right after this layer stored its keys
+            return out
+
+        layer.update = update
+    with torch.no_grad():
+        first = model(ids[:, :-3], attention_mask=mask[:, :-3], cache=cache, use_cache=True).logits
+        last = model(ids[:, -3:], attention_mask=mask, cache=cache, use_cache=True).logits
+    real = mask.bool()
+    torch.testing.assert_close(torch.cat((first, last), 1)[real], whole[real], atol=ATOL, rtol=0)
+    assert len(held) == 2 * model.config.num_hidden_layers
+    assert max(held) <= (5 + G) + L_PRE + cache.slack
+
+
 def generate(model, ids, steps, **kw):
     model.generation_config.eos_token_id = None  # random models emit "EOS" ids: decode a fixed length
     with torch.no_grad():

@@ -85,4 +85,4 @@ def flex_lambda_attention(query, key, value, plan, cfg, position, scaling) -> to
         q_far, k_far, value[:, :, :n_far], None, masks[1], scale=scaling, enable_gqa=True,
         return_aux=AuxRequest(lse=True),
     )  # fmt: skip
-    return _merge([(out, aux.lse.float()), (out2, aux2.lse.float())]).to(query.dtype)
+    return _merge([(out, aux.lse.float()), (out2, aux2.lse.float())], into=torch.empty_like(out))

@@ -101,8 +101,9 @@ def lambda_attention(
 
 
 def _blocked(query, key, value, plan: Plan, cfg: Settings, position, scaling: float) -> torch.Tensor:
-    n_q = query.shape[2]
-    out = query.new_empty(*query.shape[:3], value.shape[-1])
+    b, hq, n_q = query.shape[:3]
+    # [b, Q, hq, dv] in memory, so the caller's transpose back to that layout is free
+    out = query.new_empty(b, n_q, hq, value.shape[-1]).transpose(1, 2)
     w = cfg.n_local
     block = min(BLOCK, int(w) // 4) if math.isfinite(w) else BLOCK
     if isinstance(position, Rope) and cfg.limit_distance < w:  # ceiling inside the window (an ablation):
@@ -117,7 +118,7 @@ def _blocked(query, key, value, plan: Plan, cfg: Settings, position, scaling: fl
             if plan.memo_bytes + lay.nbytes() <= MEMO_BUDGET:
                 plan.memo[memo_key] = lay
                 plan.memo_bytes += lay.nbytes()
-        out[:, :, s:e] = _block(query[:, :, s:e], key, value, lay, position, scaling).to(out.dtype)
+        _merge(_block(query[:, :, s:e], key, value, lay, position, scaling), into=out[:, :, s:e])
     return out
 
 
@@ -210,7 +211,7 @@ def _block(q, key, value, lay: Layout, position, scaling) -> torch.Tensor:
         s2 = _raw_scores(position.apply(q, lay.q_turn), k, scaling).masked_fill_(~lay.far_visible, -math.inf)
         b, hq, n = q.shape[:3]
         parts.append((_attend(s2, value[:, :, lay.far]), torch.logsumexp(s2, dim=-1).view(b, hq, n)))
-    return _merge(parts)
+    return parts
 
 
 def _flash(q, k, v, bias, scaling, causal=False):
@@ -237,16 +238,21 @@ def _flash(q, k, v, bias, scaling, causal=False):
     return _attend(s, v), torch.logsumexp(s, dim=-1).view(b, q.shape[1], q.shape[2])
 
 
-def _merge(parts):
-    """Combine softmax-attention results over disjoint key sets from their log-sum-exps. A row that saw no
-    key in a part has weight 0 there and weighs by the other parts alone."""
+def _merge(parts, into: torch.Tensor) -> torch.Tensor:
+    """Combine softmax-attention results over disjoint key sets from their log-sum-exps, written into `into`
+    (accumulated in fp32, in place: at 32k tokens this runs over every query of every layer). A row that
+    saw no key in a part has weight 0 there and weighs by the other parts alone."""
     if len(parts) == 1:
-        return parts[0][0]
+        return into.copy_(parts[0][0])
     lse = torch.stack([p[1] for p in parts])
-    top = lse.max(0).values
-    weights = (lse - top).exp_().nan_to_num_(0.0)
-    out = sum(o.float() * wt[..., None] for (o, _), wt in zip(parts, weights, strict=True))
-    return out / weights.sum(0).clamp_min(1e-30)[..., None]
+    weights = (lse - lse.max(0).values).exp_().nan_to_num_(0.0)
+    weights /= weights.sum(0).clamp_min(1e-30)
+    weights = weights.unsqueeze(-1)
+    acc = into if into.dtype in (torch.float32, torch.float64) else torch.empty(into.shape, device=into.device)
+    torch.mul(parts[0][0], weights[0], out=acc)
+    for (o, _), wt in zip(parts[1:], weights[1:], strict=True):
+        acc.addcmul_(o, wt)
+    return acc if acc is into else into.copy_(acc)
 
 
 def _grouped(q: torch.Tensor, n_kv: int) -> torch.Tensor:
