@@ -36,6 +36,7 @@ reproduce: setup
 bench: setup
 	$(PY) bench/bench_core.py
 	$(PY) bench/bench_tensor_memory.py
+	$(PY) bench/bench_profile.py
 
 ## bench-gpu: the same comparison on a CUDA GPU (Llama-2-7B shape, random bf16 weights); needs a CUDA torch
 bench-gpu:
