@@ -209,6 +209,29 @@ def assert_flex_matches_reference(model, ids, mask, monkeypatch, chunks=()):
         torch.testing.assert_close(torch.cat(pieces, 1)[real], ref[real], atol=ATOL, rtol=0)
 
 
+def assert_bf16_kernel_matches_reference(device: str) -> None:
+    """Half precision, as models run: one attention call on random q/k/v with GQA, w = L = 512 over 2048
+    tokens (band, global and far parts merged), against the float64 reference. Shared with test_cuda.py."""
+    from lminf_eval.attention.kernel import Plan, Settings, lambda_attention
+    from lminf_eval.attention.positions import Rope
+
+    gen = torch.Generator(device=device).manual_seed(0)
+    q = torch.randn(1, 8, 2048, 64, device=device, generator=gen, dtype=torch.bfloat16)
+    k, v = (torch.randn(1, 2, 2048, 64, device=device, generator=gen, dtype=torch.bfloat16) for _ in range(2))
+    idx = torch.arange(2048, device=device)[None]
+    inv_freq = 1.0 / (1e4 ** (torch.arange(0, 64, 2, device=device).float() / 64))
+    args = (Plan(idx, idx, torch.ones_like(idx, dtype=torch.bool), 4), Settings(4, 512, 512))
+    rope = Rope(None, inv_freq, False)
+    ours = lambda_attention(q, k, v, *args, rope, 0.125)
+    assert ours.dtype == torch.bfloat16
+    ref = reference_attention(q.double(), k.double(), v.double(), *args, rope, 0.125)
+    torch.testing.assert_close(ours.double(), ref, atol=1e-2, rtol=1e-2)  # bf16 rounding of the output
+
+
+def test_bf16_kernel_matches_reference():
+    assert_bf16_kernel_matches_reference("cpu")
+
+
 @pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 @pytest.mark.parametrize("name,preset", FLEX_CASES)
 def test_flex_path_matches_reference(name, preset, monkeypatch):
