@@ -94,7 +94,7 @@ def filled_cache(model, method: str, n: int):
     return cache
 
 
-def decode_cell(method: str, n: int, queue, steps: int = 24) -> None:
+def decode_cell(method: str, n: int, queue, steps: int = 64) -> None:
     torch.manual_seed(0)
     model = load(method)
     cache = filled_cache(model, method, n)
