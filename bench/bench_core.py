@@ -59,11 +59,12 @@ def prefill_cell(method: str, n: int, queue, keep_cache: bool = False) -> None:
         t = time.perf_counter()
         out = model(ids, use_cache=keep_cache, logits_to_keep=1)
         seconds = time.perf_counter() - t
-    result = {"kind": "prefill", "method": method, "n": n, "seconds": seconds, "peak_rss_mb": rss_mb()}
+    kind = "prefill_cached" if keep_cache else "prefill"
+    result = {"kind": kind, "method": method, "n": n, "seconds": seconds, "peak_rss_mb": rss_mb(), "model_rss_mb": base}
     if keep_cache:
         tensors = [t for layer in out.cache.layers for t in (layer.keys, layer.values)]
-        result |= {"kind": "prefill_cached", "cache_mb": sum(t.numel() * t.element_size() for t in tensors) / 2**20}
-    queue.put(result | {"model_rss_mb": base})
+        result["cache_mb"] = sum(t.numel() * t.element_size() for t in tensors) / 2**20
+    queue.put(result)
 
 
 def cached_prefill_cell(method: str, n: int, queue) -> None:
@@ -131,14 +132,12 @@ def kernel_cell(method: str, n: int, queue, repeats: int = 3) -> None:
     else:
         inv_freq = 1.0 / (1e5 ** (torch.arange(0, 64, 2).float() / 64))
         idx = torch.arange(n)[None]
-
         plan = Plan(idx, idx, torch.ones(1, n, dtype=torch.bool), g)
 
         def call():  # the layout is built on the first call and reused, as by layers 2.. of a model
             lambda_attention(q, k, v, plan, Settings(g, w, w), Rope(None, inv_freq, False), 0.125)
 
         call()
-
         pairs = sum(min(i + 1, w) + (g if i >= w else 0) for i in range(n))
     times = []
     for _ in range(repeats):  # the best of a few: one call is seconds long, and this machine is shared

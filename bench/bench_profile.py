@@ -10,6 +10,8 @@ prefill time per token at 32k against 8k.
 from __future__ import annotations
 
 import argparse
+import sys
+import time
 from pathlib import Path
 
 import torch
@@ -18,8 +20,6 @@ TOP = 12
 
 
 def cell(method: str, n: int, queue) -> None:
-    import time
-
     from bench_core import warm_prefill
     from torch.profiler import ProfilerActivity, profile
 
@@ -55,8 +55,6 @@ def table(results: list[dict]) -> str:
 
 
 def main() -> None:
-    import sys
-
     from bench_core import run
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

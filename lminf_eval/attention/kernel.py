@@ -190,7 +190,8 @@ def _layout(plan: Plan, first: int, s: int, e: int, cfg: Settings, position, dty
     return lay
 
 
-def _block(q, key, value, lay: Layout, position, scaling) -> torch.Tensor:
+def _block(q, key, value, lay: Layout, position, scaling) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(output, log-sum-exp) of each key part of one query block, for `_merge`."""
     parts = []
     if lay.band is not None:
         a, m, q_lo = lay.band
