@@ -14,15 +14,14 @@ import math
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
-from .attention.kernel import Plan
+from .attention.plan import Plan
 
 
 class LMInfiniteLayer(DynamicLayer):
-    """One layer's keys/values in a growable buffer; which slots survive is decided by the owning cache."""
+    """One layer's keys/values in a growable buffer; `LMInfiniteCache.update` says which slots survive."""
 
-    def __init__(self, owner: LMInfiniteCache):
+    def __init__(self):
         super().__init__()
-        self.owner = owner
         self.used = 0
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -31,16 +30,18 @@ class LMInfiniteLayer(DynamicLayer):
         self.values = value_states.new_empty(*value_states.shape[:2], 0, value_states.shape[-1])
         self.is_initialized = True
 
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+    def store(self, key_states: torch.Tensor, value_states: torch.Tensor, keep: torch.Tensor | None, slack: int):
+        """Append this forward's keys/values, or, when `keep` is given (the forward overflows the slack), store
+        only those slots of old + new. Returns every key/value this forward attends to."""
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        slots = self.owner.keep_slots
+        slots = keep
         if slots is not None:  # this forward overflows the slack: attend to everything, store the survivors
             keys, values = key_states, value_states
             if self.used:
                 keys = torch.cat((self.keys[:, :, : self.used], key_states), 2)
                 values = torch.cat((self.values[:, :, : self.used], value_states), 2)
-            m, capacity = slots.numel(), slots.numel() + self.owner.slack
+            m, capacity = slots.numel(), slots.numel() + slack
             if not m <= self.keys.shape[-2] <= 2 * capacity:  # (a long prompt's buffer is given back)
                 self.keys, self.values = self._empty(keys, capacity), self._empty(values, capacity)
             self.keys[:, :, :m] = keys.index_select(2, slots)
@@ -49,7 +50,7 @@ class LMInfiniteLayer(DynamicLayer):
             return keys, values
         n = key_states.shape[-2]
         if self.used + n > self.keys.shape[-2]:
-            self._resize(self.used + n + self.owner.slack)
+            self._resize(self.used + n + slack)
         self.keys[:, :, self.used : self.used + n] = key_states
         self.values[:, :, self.used : self.used + n] = value_states
         self.used += n
@@ -66,7 +67,7 @@ class LMInfiniteLayer(DynamicLayer):
         self.keys, self.values = keys, values
 
     def get_seq_length(self) -> int:
-        return self.owner.seen  # positions continue from every token seen, kept or not
+        return self.used
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.used + query_length, 0
@@ -83,18 +84,24 @@ class LMInfiniteCache(Cache):
     use it. Memory is at most (first-g slots + n_local + slack) per layer, whatever the text length."""
 
     def __init__(self, num_layers: int, n_global: int, n_local: float, slack: int | None = None):
-        super().__init__(layers=[LMInfiniteLayer(self) for _ in range(num_layers)])
+        super().__init__(layers=[LMInfiniteLayer() for _ in range(num_layers)])
         self.n_global = n_global
         self.n_local = n_local
         self.slack = slack if slack is not None else (int(n_local) // 4 + 16 if math.isfinite(n_local) else 0)
         self.seen = 0
         self.pending = 0
-        self.n_head = 0  # kept slots before the contiguous tail (holding the first g tokens of every row)
+        self.global_slots = 0  # kept slots before the contiguous tail (holding the first g tokens of every row)
         self.keep_slots: torch.Tensor | None = None  # set for a forward after which slots are dropped
-        self.next_head = 0
+        self.next_global_slots = 0
         self.slot_idx: torch.Tensor | None = None  # [b, S] real-token index of each slot
         self.slot_valid: torch.Tensor | None = None  # [b, S]
         self.real_count: torch.Tensor | None = None  # [b] real tokens seen per row
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        return self.layers[layer_idx].store(key_states, value_states, self.keep_slots, self.slack)
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.seen  # positions continue from every token seen, kept or not
 
     def begin(self, attention_mask: torch.Tensor | None, batch: int, n_new: int, device) -> Plan:
         """Called before a forward: the layout of the keys every layer will see, new tokens appended."""
@@ -111,16 +118,16 @@ class LMInfiniteCache(Cache):
         self.slot_valid = torch.cat((self.slot_valid, new_valid), 1)
         self.real_count = self.real_count + new_valid.sum(1)
         self.pending = n_new  # counted in `seen` after the forward: the model reads `seen` for positions
-        plan = make_plan(self.slot_idx, self.slot_valid, n_new, self.n_head, self.n_global)
+        plan = Plan.build(self.slot_idx, self.slot_valid, n_new, self.n_global, head=self.global_slots)
         total = self.slot_idx.shape[1]
-        if math.isfinite(self.n_local) and total > self.n_head + self.n_local + self.slack:
+        if math.isfinite(self.n_local) and total > self.global_slots + self.n_local + self.slack:
             # the slack is used up: after this forward keep the first-g slots and the last w
             tail = total - int(self.n_local)
             is_global = (self.slot_valid & (self.slot_idx < self.n_global)).any(0)
             keep = is_global.clone()
             keep[tail:] = True
             self.keep_slots = keep.nonzero().squeeze(1)
-            self.next_head = int(is_global[:tail].sum())
+            self.next_global_slots = int(is_global[:tail].sum())
         return plan
 
     def end(self) -> None:
@@ -130,30 +137,12 @@ class LMInfiniteCache(Cache):
         if self.keep_slots is not None:
             slots, self.keep_slots = self.keep_slots, None
             self.slot_idx, self.slot_valid = self.slot_idx[:, slots], self.slot_valid[:, slots]
-            self.n_head = self.next_head
+            self.global_slots = self.next_global_slots
 
     def reset(self) -> None:
         super().reset()
         for layer in self.layers:
             layer.used = 0
-        self.seen, self.pending, self.n_head = 0, 0, 0
+        self.seen, self.pending, self.global_slots = 0, 0, 0
         self.keep_slots = None
         self.slot_idx = self.slot_valid = self.real_count = None
-
-
-def make_plan(k_idx: torch.Tensor, k_valid: torch.Tensor, n_q: int, layout_head: int, n_global: int) -> Plan:
-    """Head slots to scan = the layout's head, extended to cover every slot holding one of the first g tokens."""
-    is_global = (k_valid & (k_idx < n_global)).any(0).nonzero()
-    head = max(layout_head, int(is_global.max()) + 1 if is_global.numel() else 0)
-    return Plan(q_idx=k_idx[:, -n_q:], k_idx=k_idx, k_valid=k_valid, n_head_slots=head)
-
-
-def full_plan(attention_mask: torch.Tensor | None, batch: int, n_q: int, n_past: int, n_global: int, device) -> Plan:
-    """Plan for keys that are every slot so far (no cache, or transformers' own full cache)."""
-    total = n_past + n_q
-    if attention_mask is None:
-        valid = torch.ones(batch, total, dtype=torch.bool, device=device)
-    else:
-        valid = attention_mask[:, -total:].to(device=device, dtype=torch.bool)
-    idx = valid.long().cumsum(1) - 1
-    return make_plan(idx, valid, n_q, 0, n_global)

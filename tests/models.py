@@ -123,7 +123,6 @@ FAMILY_NAMES = list(CONFIGS)
 def tiny_model(name: str, seed: int = 0, scale: float = 0.35) -> torch.nn.Module:
     torch.manual_seed(seed)
     config = CONFIGS[name]()
-    config._attn_implementation = "eager"
     model = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
     with torch.no_grad():
         for p in model.parameters():

@@ -6,11 +6,11 @@ import math
 
 import pytest
 import torch
-from reference import reference_attention
+from reference import reference, reference_attention
 
 import lminf_eval
-from lminf_eval import LMInfiniteCache, LMInfiniteError, apply_lm_infinite, remove_lm_infinite
-from lminf_eval import patch as patch_module
+from lminf_eval import LMInfiniteCache, LMInfiniteError, Settings, apply_lm_infinite, remove_lm_infinite
+from lminf_eval.attention import Plan, Rope, lambda_attention
 from models import FAMILY_NAMES, L_PRE, VOCAB, lm_kwargs, tiny_model
 
 ATOL = 1e-4
@@ -22,10 +22,9 @@ def logits(model, ids, mask=None, **kw):
         return model(ids, attention_mask=mask, use_cache=False, **kw).logits
 
 
-@pytest.fixture
-def use_reference(monkeypatch):
-    """Run the patched model with the dense reference in the kernel's place."""
-    monkeypatch.setattr(patch_module, "lambda_attention", reference_attention)
+def reference_logits(model, ids, mask=None):
+    with reference(model):
+        return logits(model, ids, mask)
 
 
 def left_padded(lengths, total, seed=0):
@@ -47,21 +46,17 @@ def test_inside_window_equals_vanilla(name):
     torch.testing.assert_close(logits(model, ids), vanilla, atol=ATOL, rtol=0)
 
 
-@pytest.mark.parametrize("band", [True, False], ids=["band", "masked"])
+@pytest.mark.parametrize("backend", ["blocks", "blocks-masked"])
 @pytest.mark.parametrize("name", FAMILY_NAMES)
-def test_long_padded_batch_matches_reference_and_alone(name, band, monkeypatch):
-    """`band`: plain windows run as unmasked band calls (the usual path); off, every block takes the masked one."""
-    from lminf_eval.attention import kernel
-
-    monkeypatch.setattr(kernel, "BAND", band)
-    model = apply_lm_infinite(tiny_model(name), n_global=G, **lm_kwargs(name))
+def test_long_padded_batch_matches_reference_and_alone(name, backend):
+    """`blocks`: plain windows run as unmasked band calls (the usual path); `blocks-masked`: every block takes
+    the masked one."""
+    model = apply_lm_infinite(tiny_model(name), n_global=G, backend=backend, **lm_kwargs(name))
     n = 9 * L_PRE
     ids, mask = left_padded([n, n - 23], n)
     ours = logits(model, ids, mask)
     alone = logits(model, ids[1:, 23:])
-    with monkeypatch.context() as m:
-        m.setattr(patch_module, "lambda_attention", reference_attention)
-        ref = logits(model, ids, mask)
+    ref = reference_logits(model, ids, mask)
     real = mask.bool()
     torch.testing.assert_close(ours[real], ref[real], atol=ATOL, rtol=0)
     torch.testing.assert_close(ours[1, 23:], alone[0], atol=ATOL, rtol=0)
@@ -71,17 +66,13 @@ def test_long_padded_batch_matches_reference_and_alone(name, band, monkeypatch):
 
 
 @pytest.mark.parametrize("name", ["llama", "gptj", "mpt"])
-def test_plain_math_path_matches_reference(name, monkeypatch):
-    """The path used off-CPU (no fused kernel): same semantics, checked against the reference here."""
-    from lminf_eval.attention import kernel
-
-    model = apply_lm_infinite(tiny_model(name), n_global=G, **lm_kwargs(name))
+def test_plain_math_path_matches_reference(name):
+    """The blocks in plain fp32 math (no fused kernel), as on devices without one: the reference's numbers."""
+    model = apply_lm_infinite(tiny_model(name), n_global=G, backend="plain", **lm_kwargs(name))
     ids, mask = left_padded([7 * L_PRE, 7 * L_PRE - 3], 7 * L_PRE, seed=5)
-    monkeypatch.setattr(kernel, "FUSED_CPU", False)
     ours = logits(model, ids, mask)
-    monkeypatch.setattr(patch_module, "lambda_attention", reference_attention)
     real = mask.bool()
-    torch.testing.assert_close(ours[real], logits(model, ids, mask)[real], atol=ATOL, rtol=0)
+    torch.testing.assert_close(ours[real], reference_logits(model, ids, mask)[real], atol=ATOL, rtol=0)
 
 
 @pytest.mark.parametrize("name", FAMILY_NAMES)
@@ -120,12 +111,12 @@ def test_long_prompt_in_one_forward_stores_only_the_bound(name):
     held = []
     for layer in cache.layers:
 
-        def update(*args, _layer=layer, _update=layer.update, **kw):
-            out = _update(*args, **kw)
+        def store(*args, _layer=layer, _store=layer.store, **kw):
+            out = _store(*args, **kw)
             held.append(_layer.keys.shape[-2])  # buffer capacity right after this layer stored its keys
             return out
 
-        layer.update = update
+        layer.store = store
     with torch.no_grad():
         first = model(ids[:, :-3], attention_mask=mask[:, :-3], cache=cache, use_cache=True).logits
         last = model(ids[:, -3:], attention_mask=mask, cache=cache, use_cache=True).logits
@@ -171,14 +162,13 @@ PRESETS = {
 
 @pytest.mark.parametrize("preset", list(PRESETS))
 @pytest.mark.parametrize("name", ["llama", "gpt_neox", "gptj", "mpt", "bloom"])
-def test_ablation_presets_equal_reference(name, preset, monkeypatch):
+def test_ablation_presets_equal_reference(name, preset):
     kwargs = {**PRESETS[preset], **lm_kwargs(name)}
     model = apply_lm_infinite(tiny_model(name), **kwargs)
     ids, mask = left_padded([8 * L_PRE, 8 * L_PRE - 9], 8 * L_PRE, seed=3)
     ours = logits(model, ids, mask)
-    monkeypatch.setattr(patch_module, "lambda_attention", reference_attention)
     real = mask.bool()
-    torch.testing.assert_close(ours[real], logits(model, ids, mask)[real], atol=ATOL, rtol=0)
+    torch.testing.assert_close(ours[real], reference_logits(model, ids, mask)[real], atol=ATOL, rtol=0)
 
 
 FLEX_CASES = [(name, "lm-infinite") for name in FAMILY_NAMES]
@@ -190,8 +180,8 @@ def assert_flex_matches_reference(model, ids, mask, monkeypatch, chunks=()):
     the cache (`chunks`: (start, end) pieces). Shared with the compiled-on-CUDA checks in test_cuda.py."""
     from lminf_eval.attention import flex
 
-    calls, real_flex = [], flex.flex_lambda_attention
-    monkeypatch.setattr(flex, "flex_lambda_attention", lambda *a: calls.append(1) or real_flex(*a))
+    calls, real_flex = [], flex.flex_attention_lambda  # a spy: the flex function still computes the result
+    monkeypatch.setattr(flex, "flex_attention_lambda", lambda *a: calls.append(1) or real_flex(*a))
     ours = logits(model, ids, mask)
     pieces, cache = [], None
     for start, end in chunks:
@@ -199,9 +189,7 @@ def assert_flex_matches_reference(model, ids, mask, monkeypatch, chunks=()):
             out = model(ids[:, start:end], attention_mask=mask[:, :end], cache=cache, use_cache=True)
         pieces.append(out.logits)
         cache = out.cache
-    with monkeypatch.context() as m:
-        m.setattr(patch_module, "lambda_attention", reference_attention)
-        ref = logits(model, ids, mask)
+    ref = reference_logits(model, ids, mask)
     real = mask.bool()
     assert calls  # the flex path ran
     torch.testing.assert_close(ours[real], ref[real], atol=ATOL, rtol=0)
@@ -209,18 +197,15 @@ def assert_flex_matches_reference(model, ids, mask, monkeypatch, chunks=()):
         torch.testing.assert_close(torch.cat(pieces, 1)[real], ref[real], atol=ATOL, rtol=0)
 
 
-def assert_bf16_kernel_matches_reference(device: str) -> None:
+def assert_bf16_kernel_matches_reference(device: str, backend: str = "auto") -> None:
     """Half precision, as models run: one attention call on random q/k/v with GQA, w = L = 512 over 2048
     tokens (band, global and far parts merged), against the float64 reference. Shared with test_cuda.py."""
-    from lminf_eval.attention.kernel import Plan, Settings, lambda_attention
-    from lminf_eval.attention.positions import Rope
-
     gen = torch.Generator(device=device).manual_seed(0)
     q = torch.randn(1, 8, 2048, 64, device=device, generator=gen, dtype=torch.bfloat16)
     k, v = (torch.randn(1, 2, 2048, 64, device=device, generator=gen, dtype=torch.bfloat16) for _ in range(2))
-    idx = torch.arange(2048, device=device)[None]
     inv_freq = 1.0 / (1e4 ** (torch.arange(0, 64, 2, device=device).float() / 64))
-    args = (Plan(idx, idx, torch.ones_like(idx, dtype=torch.bool), 4), Settings(4, 512, 512))
+    args = (Plan.contiguous(2048, 4, device), Settings.resolve(512, n_global=4, backend=backend))
+    assert args[0].global_slots == 4
     rope = Rope(None, inv_freq, False)
     ours = lambda_attention(q, k, v, *args, rope, 0.125)
     assert ours.dtype == torch.bfloat16
@@ -236,10 +221,7 @@ def test_bf16_kernel_matches_reference():
 @pytest.mark.parametrize("name,preset", FLEX_CASES)
 def test_flex_path_matches_reference(name, preset, monkeypatch):
     """The fused CUDA path (FlexAttention), run eagerly on CPU: the reference's numbers, also through the cache."""
-    from lminf_eval.attention import kernel
-
-    monkeypatch.setattr(kernel, "FLEX_DEVICES", ("cpu",))
-    kwargs = {"n_global": G, **PRESETS.get(preset, {}), **lm_kwargs(name)}
+    kwargs = {"n_global": G, "backend": "flex", **PRESETS.get(preset, {}), **lm_kwargs(name)}
     model = apply_lm_infinite(tiny_model(name), **kwargs)
     ids, mask = left_padded([8 * L_PRE, 8 * L_PRE - 9], 8 * L_PRE, seed=4)
     # (ceiling-only has an unbounded window: no LM-Infinite cache to chunk through)
@@ -259,7 +241,7 @@ def test_ceiling_only_differs_from_vanilla_past_the_window():
 
 
 @pytest.mark.parametrize("name", ["llama", "qwen3", "gptj", "mpt", "bloom"])
-def test_top_k_last_row_equals_reference(name, monkeypatch):
+def test_top_k_last_row_equals_reference(name):
     model = apply_lm_infinite(
         tiny_model(name),
         n_global=G,
@@ -275,8 +257,7 @@ def test_top_k_last_row_equals_reference(name, monkeypatch):
     lminf_eval.configure(model, top_k=3)
     assert (ours[:, -1] - without[:, -1]).abs().max() > 1e-3  # top-k changed the last row...
     torch.testing.assert_close(ours[:, :-1], without[:, :-1], atol=0, rtol=0)  # ...and only it
-    monkeypatch.setattr(patch_module, "lambda_attention", reference_attention)
-    torch.testing.assert_close(ours[:, -1], logits(model, ids, mask)[:, -1], atol=ATOL, rtol=0)
+    torch.testing.assert_close(ours[:, -1], reference_logits(model, ids, mask)[:, -1], atol=ATOL, rtol=0)
 
 
 def test_top_k_generate_equals_reforward():
@@ -316,9 +297,16 @@ def test_bad_arguments_are_one_line_errors():
         apply_lm_infinite(model, n_local=0)
     with pytest.raises(LMInfiniteError, match="pretraining length"):
         apply_lm_infinite(tiny_model("bloom"))
+    with pytest.raises(LMInfiniteError, match="backend"):
+        apply_lm_infinite(model, backend="fast")
+    patched = apply_lm_infinite(model, n_global=4)
+    with pytest.raises(LMInfiniteError, match="n_global"):  # configure checks as apply does
+        lminf_eval.configure(patched, n_global=-1)
+    assert patched.lm_infinite.settings.n_global == 4
 
 
 def test_defaults_come_from_the_config():
     model = apply_lm_infinite(tiny_model("llama"))
     s = model.lm_infinite.settings
     assert (s.n_global, s.n_local, s.limit_distance, s.top_k_distance) == (10, L_PRE, L_PRE, L_PRE // 2)
+    assert s == Settings.resolve(L_PRE) and (s.top_k, s.top_k_from_layer, s.backend) == (0, 4, "auto")

@@ -76,11 +76,7 @@ def test_compiled_flex_generate_equals_cpu(name):
     assert torch.equal(new, greedy_by_reforward(cpu, ids, steps))
 
 
-@pytest.mark.parametrize("path", ["flex", "blocks"])
-def test_bf16_kernel_matches_reference(path, monkeypatch):
-    """The flex path and the FlashAttention-2 blocks (flex switched off) in bf16."""
-    from lminf_eval.attention import kernel
-
-    if path == "blocks":
-        monkeypatch.setattr(kernel, "FLEX_DEVICES", ())
-    assert_bf16_kernel_matches_reference("cuda")
+@pytest.mark.parametrize("backend", ["flex", "blocks"])
+def test_bf16_kernel_matches_reference(backend):
+    """The flex path and the FlashAttention-2 blocks in bf16."""
+    assert_bf16_kernel_matches_reference("cuda", backend)

@@ -6,10 +6,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from reference import reference_attention
+from reference import reference
 
 from lminf_eval import apply_lm_infinite, remove_lm_infinite
-from lminf_eval import patch as patch_module
 from lminf_eval.models import load_model
 
 N, WINDOW = 2048, 1024
@@ -32,14 +31,13 @@ def _long_text() -> str:
     return next(iter(sorted(root.glob("*.txt")))).read_text()
 
 
-def test_smollm2_patched_equals_reference_and_vanilla_is_restored(smollm2, monkeypatch):
+def test_smollm2_patched_equals_reference_and_vanilla_is_restored(smollm2):
     model, ids = smollm2
     with torch.no_grad():
         vanilla = model(ids, use_cache=False).logits
         apply_lm_infinite(model, n_global=10, n_local=WINDOW, limit_distance=WINDOW)
         ours = model(ids, use_cache=False).logits
-        with monkeypatch.context() as m:
-            m.setattr(patch_module, "lambda_attention", reference_attention)
+        with reference(model):
             ref = model(ids, use_cache=False).logits
         remove_lm_infinite(model)
         restored = model(ids, use_cache=False).logits

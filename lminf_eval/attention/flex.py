@@ -1,4 +1,4 @@
-"""The Λ-attention of kernel.py as FlexAttention calls: the fused path on CUDA.
+"""The Λ-attention as FlexAttention calls: the fused backend on CUDA.
 
 Two calls over all key slots, merged by log-sum-exp: the near pairs (visible, distance below the ceiling)
 with the model's own q·k, and the far pairs (visible, at or past the ceiling) with the query re-rotated to L
@@ -17,7 +17,9 @@ from functools import cache
 import torch
 from torch.nn.attention.flex_attention import AuxRequest, create_block_mask, flex_attention
 
-from .kernel import _merge
+from ..settings import Settings
+from .merge import merge
+from .plan import Plan, alibi_bias, is_far, visible
 from .positions import Alibi, Rope
 
 BIG = 1 << 40  # stands in for an infinite window or ceiling in integer comparisons
@@ -35,34 +37,33 @@ def _ops(device: torch.device):
     return _compiled() if device.type == "cuda" else (flex_attention, create_block_mask)
 
 
-def flex_lambda_attention(query, key, value, plan, cfg, position, scaling) -> torch.Tensor:
+def flex_attention_lambda(query, key, value, plan: Plan, settings: Settings, position, scaling) -> torch.Tensor:
     """query [b, hq, Q, d], key/value [b, hk, K, d] -> [b, hq, Q, dv]; same semantics as `lambda_attention`."""
     attend, block_mask = _ops(query.device)
     b, _, n_q, _ = query.shape
     if key.shape[1] == 1:  # one K/V head (MQA) viewed in the cache: inductor found no flex kernel for its
         key, value = key.contiguous(), value.contiguous()  # stride (torch 2.11, H200); a compact copy
     n_k = key.shape[2]
-    w = int(cfg.n_local) if math.isfinite(cfg.n_local) else BIG
-    limit = int(cfg.limit_distance) if math.isfinite(cfg.limit_distance) else BIG
-    q_idx, k_idx, k_valid, g = plan.q_idx, plan.k_idx, plan.k_valid, cfg.n_global
+    w = int(settings.n_local) if math.isfinite(settings.n_local) else BIG
+    limit = int(settings.limit_distance) if math.isfinite(settings.limit_distance) else BIG
+    q_idx, k_idx, k_valid, g = plan.q_idx, plan.k_idx, plan.k_valid, settings.n_global
     rope_far = isinstance(position, Rope) and limit < BIG
 
-    def visible(bi, h, q, k):
-        d = q_idx[bi, q] - k_idx[bi, k]
-        return k_valid[bi, k] & (d >= 0) & ((d < w) | (k_idx[bi, k] < g))
+    def seen(bi, h, q, k):
+        return visible(q_idx[bi, q] - k_idx[bi, k], k_idx[bi, k], k_valid[bi, k], g, w)
 
     def near(bi, h, q, k):
-        return visible(bi, h, q, k) & (q_idx[bi, q] - k_idx[bi, k] < limit)
+        return seen(bi, h, q, k) & ~is_far(q_idx[bi, q] - k_idx[bi, k], limit)
 
     def far(bi, h, q, k):
-        return visible(bi, h, q, k) & (q_idx[bi, q] - k_idx[bi, k] >= limit)
+        return seen(bi, h, q, k) & is_far(q_idx[bi, q] - k_idx[bi, k], limit)
 
-    n_far = plan.n_head_slots if w <= limit else n_k  # far keys live in the head slots when w <= L
+    n_far = plan.global_slots if w <= limit else n_k  # far keys live in the global slots when w <= L
     memo_key = ("flex", n_q, n_k, query.device)
     masks = plan.memo.get(memo_key)
     if masks is None:
         masks = (
-            block_mask(near if rope_far else visible, b, None, n_q, n_k, device=query.device),
+            block_mask(near if rope_far else seen, b, None, n_q, n_k, device=query.device),
             block_mask(far, b, None, n_q, n_far, device=query.device) if rope_far and n_far else None,
         )
         plan.memo[memo_key] = masks
@@ -71,8 +72,7 @@ def flex_lambda_attention(query, key, value, plan, cfg, position, scaling) -> to
         slopes = position.slopes.to(query.device, torch.float32)
 
         def score_mod(score, bi, h, q, k):
-            d = torch.clamp(q_idx[bi, q] - k_idx[bi, k], max=limit)
-            return score - slopes[h] * d
+            return score + alibi_bias(slopes[h], q_idx[bi, q] - k_idx[bi, k], limit)
 
     out, aux = attend(
         query, key, value, score_mod, masks[0], scale=scaling, enable_gqa=True, return_aux=AuxRequest(lse=True)
@@ -85,4 +85,4 @@ def flex_lambda_attention(query, key, value, plan, cfg, position, scaling) -> to
         q_far, k_far, value[:, :, :n_far], None, masks[1], scale=scaling, enable_gqa=True,
         return_aux=AuxRequest(lse=True),
     )  # fmt: skip
-    return _merge([(out, aux.lse.float()), (out2, aux2.lse.float())], into=torch.empty_like(out))
+    return merge([(out, aux.lse.float()), (out2, aux2.lse.float())], into=torch.empty_like(out))

@@ -1,0 +1,221 @@
+"""The Λ-attention in O(n·(g+w)) time and memory as fused attention calls per query block: the CPU backend.
+
+Keys arrive in slot order: `plan.global_slots` leading slots that are always scanned (they hold every row's
+first g real tokens), then a contiguous run in which slot distance equals token distance (true for left or
+right padding). Queries are processed in blocks of n rows. For each block the keys split into parts, each one
+fused attention call, merged by log-sum-exp:
+- the band: when the block's local window is all real, contiguous tokens (the usual case), it is three
+  unmasked calls: the bulk seen by every query, the block's own n x n causal square (`is_causal`), and the
+  window's ragged left edge, an n x n anti-causal triangle run as a causal one on row-reversed inputs;
+- otherwise (padding or cache gaps inside the window) the bulk as one unmasked call and the rest masked;
+- the global slots before the window, masked;
+- keys past the distance ceiling (RoPE; the global keys when w <= L): a small second branch whose scores
+  use the re-rotated query and the unrotated key.
+Which slot goes where depends only on the plan, so it is worked out once per forward and shared by all
+layers (`Plan.remember`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ..settings import Settings
+from .merge import merge
+from .plan import Plan, alibi_bias, is_far, visible
+from .positions import Alibi, Rope
+
+# Query rows per block: the CPU fused kernel runs best at ~1024 rows (measured here); at most w/4 rows leaves
+# most of the window visible to the whole block.
+BLOCK = 1024
+
+
+@dataclass
+class Layout:
+    """One query block's key split, independent of the layer."""
+
+    band: tuple[int, int, int] | None  # key slots (a, m, q): ragged edge [a, m), bulk [m, q), causal square from q
+    mid: slice | None  # keys seen by every query with an ordinary score (no mask), when there is no band
+    keys: torch.Tensor  # the other candidate key slots, masked
+    bias: torch.Tensor | None  # [b, 1 or h, n, len(keys)]: bool visibility (RoPE; 1 byte a pair while memoised)
+    # or the additive ALiBi bias with -inf where not visible; None when no pair is visible
+    far: torch.Tensor | None = None  # key slots past the ceiling for some query (RoPE)
+    far_visible: torch.Tensor | None = None  # [b, 1, 1, n, len(far)]
+    q_turn: tuple | None = None  # rotation of the block's queries to position L
+    k_turn: tuple | None = None  # rotation of the far keys back to position 0
+
+    def nbytes(self) -> int:
+        tensors = [self.keys, self.bias, self.far_visible, *(self.q_turn or ()), *(self.k_turn or ())]
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
+def blocked_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    plan: Plan,
+    settings: Settings,
+    position: Rope | Alibi,
+    scaling: float,
+    fused: bool = True,
+    band: bool = True,
+) -> torch.Tensor:
+    """query [b, hq, Q, d], key/value [b, hk, K, d] -> [b, hq, Q, dv] in query's dtype. `fused`: PyTorch's
+    fused attention kernels (else plain fp32 math); `band`: plain local windows as unmasked band calls."""
+    b, hq, n_q = query.shape[:3]
+    # [b, Q, hq, dv] in memory, so the caller's transpose back to that layout is free
+    out = query.new_empty(b, n_q, hq, value.shape[-1]).transpose(1, 2)
+    w = settings.n_local
+    block = min(BLOCK, int(w) // 4) if math.isfinite(w) else BLOCK
+    if isinstance(position, Rope) and settings.limit_distance < w:  # ceiling inside the window (an ablation):
+        block = min(block, 256)  # far keys are many and take the dense fp32 branch
+    block = min(n_q, max(1, block))
+    for s in range(0, n_q, block):
+        e = min(n_q, s + block)
+        memo_key = ("blocks", s, e, band, query.dtype, query.device)
+        lay = plan.memo.get(memo_key)
+        if lay is None:
+            lay = _layout(plan, key.shape[2] - n_q, s, e, settings, position, query.dtype, band)
+            plan.remember(memo_key, lay, lay.nbytes())
+        merge(_block(query[:, :, s:e], key, value, lay, position, scaling, fused), into=out[:, :, s:e])
+    return out
+
+
+def _band(plan: Plan, head: int, q_lo: int, q_hi: int, settings: Settings, position) -> tuple[int, int, int] | None:
+    """Key slots (a, m, q_lo) when the local window of queries [q_lo, q_hi) is a plain band: every slot from a
+    on is a real, non-global token, contiguous with the next, never past the ceiling, so visibility depends
+    on distance alone. None where that does not hold (padding or gaps in the window, the window reaching
+    into the head slots, ALiBi, a ceiling inside the window, single-query decode steps)."""
+    n, w = q_hi - q_lo, settings.n_local
+    if not isinstance(position, Rope) or n < 2 or settings.limit_distance < w:
+        return None
+    if not math.isfinite(w) or q_hi <= w:  # every query sees every earlier slot
+        a = m = 0
+    else:
+        a = q_lo - int(w) + 1  # the first query's oldest key; the last query's is a + n - 1
+        m = a + n
+        if a < head or m > q_lo:
+            return None
+    idx = plan.k_idx[:, a:q_hi]
+    if not bool(plan.k_valid[:, a:q_hi].all()) or not bool((idx[:, 1:] - idx[:, :-1] == 1).all()):
+        return None
+    if a > 0 and not bool((idx[:, 0] >= settings.n_global).all()):
+        return None
+    return a, m, q_lo
+
+
+def _layout(plan: Plan, first: int, s: int, e: int, settings: Settings, position, dtype, band: bool) -> Layout:
+    """Split the keys of query block [s, e) (key slots first+s .. first+e-1) and build its masks."""
+    head = min(plan.global_slots, first + e)
+    q_lo, q_hi = first + s, first + e
+    w, limit = settings.n_local, settings.limit_distance
+    band, mid = _band(plan, head, q_lo, q_hi, settings, position) if band else None, None
+    if band is not None:
+        keys = torch.arange(min(head, band[0]))
+    else:
+        near = min(w, limit)  # distances below both: visible with the ordinary score
+        lo = max(head, q_lo - int(w) + 1) if math.isfinite(w) else head  # oldest key any query may see locally
+        m0 = max(q_hi - int(near), 0) if math.isfinite(near) else 0  # oldest key near to the block's last query
+        if isinstance(position, Rope) and (m0 >= head or m0 == 0) and q_lo - m0 >= max(1, (e - s) // 2):
+            if bool(plan.k_valid[:, m0:q_lo].all()):
+                mid = slice(m0, q_lo)
+        if mid is None:
+            keys = torch.cat((torch.arange(head), torch.arange(lo, q_hi))) if lo > head else torch.arange(q_hi)
+        elif m0 == 0:
+            keys = torch.arange(q_lo, q_hi)
+        else:
+            keys = torch.cat((torch.arange(head), torch.arange(lo, m0), torch.arange(q_lo, q_hi)))
+    keys = keys.to(plan.k_idx.device)
+    qi, ki, kv = plan.q_idx[:, s:e], plan.k_idx[:, keys], plan.k_valid[:, keys]
+    dist = qi[:, :, None] - ki[:, None, :]  # [b, n, K']
+    seen = visible(dist, ki[:, None, :], kv[:, None, :], settings.n_global, w)
+    if isinstance(position, Alibi):
+        slopes = position.slopes.to(dist.device).view(1, -1, 1, 1)
+        bias = alibi_bias(slopes, dist[:, None], limit).masked_fill_(~seen[:, None], -math.inf)
+        return Layout(None, None, keys, bias.to(dtype))
+    lay = Layout(band, mid, keys, bias=None)
+    if math.isfinite(limit):
+        far_pairs = seen & is_far(dist, limit)
+        cols = far_pairs.any(1).any(0).nonzero().squeeze(1)
+        if cols.numel():
+            lay.far, lay.far_visible = keys[cols], far_pairs[:, None, None, :, cols]
+            seen[:, :, cols] &= ~far_pairs[:, :, cols]
+            lay.q_turn = position.rotation(limit - qi, dtype)
+            lay.k_turn = position.rotation(-ki[:, cols], dtype)
+    if bool(seen.any()) or (band is None and mid is None and lay.far is None):  # (a part for padding rows)
+        lay.bias = seen[:, None]
+    return lay
+
+
+def _block(q, key, value, lay: Layout, position, scaling, fused: bool) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(output, log-sum-exp) of each key part of one query block, for `merge`."""
+    parts = []
+    if lay.band is not None:
+        a, m, q_lo = lay.band
+        square = slice(q_lo, q_lo + q.shape[2])
+        parts.append(_flash(q, key[:, :, square], value[:, :, square], None, scaling, fused, causal=True))
+        if q_lo > m:
+            parts.append(_flash(q, key[:, :, m:q_lo], value[:, :, m:q_lo], None, scaling, fused))
+        if m > a:  # query r sees edge key t iff t >= r: causal once both are reversed
+            edge = (q.flip(2), key[:, :, a:m].flip(2), value[:, :, a:m].flip(2))
+            out, lse = _flash(*edge, None, scaling, fused, causal=True)
+            parts.append((out.flip(2), lse.flip(-1)))
+    if lay.mid is not None:
+        parts.append(_flash(q, key[:, :, lay.mid], value[:, :, lay.mid], None, scaling, fused))
+    if lay.bias is not None:
+        bias = lay.bias if lay.bias.dtype != torch.bool else torch.where(lay.bias, 0.0, -math.inf).to(q.dtype)
+        parts.append(_flash(q, key[:, :, lay.keys], value[:, :, lay.keys], bias, scaling, fused))
+    if lay.far is not None:
+        k = position.apply(key[:, :, lay.far], lay.k_turn)
+        s2 = _raw_scores(position.apply(q, lay.q_turn), k, scaling).masked_fill_(~lay.far_visible, -math.inf)
+        b, hq, n = q.shape[:3]
+        parts.append((_attend(s2, value[:, :, lay.far]), torch.logsumexp(s2, dim=-1).view(b, hq, n)))
+    return parts
+
+
+def _flash(q, k, v, bias, scaling, fused: bool, causal=False):
+    """Attention with its log-sum-exp (`causal`: query r sees keys 0..r). `fused`: on CPU PyTorch's fused flash
+    kernel (fp32 accumulation, native GQA), on CUDA FlashAttention-2 for unmasked half-precision calls;
+    otherwise the same in plain fp32 math, O(block x keys) memory."""
+    if fused and q.device.type == "cpu":
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q, k, v, 0.0, causal, attn_mask=bias, scale=scaling
+        )
+    if fused and q.device.type == "cuda" and bias is None and q.dtype in (torch.float16, torch.bfloat16):
+        groups = q.shape[1] // k.shape[1]  # FlashAttention-2 wants as many K/V heads as query heads
+        if groups > 1:
+            k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, causal, scale=scaling)[:2]
+        return out, lse[..., : q.shape[2]]
+    b, hk = q.shape[0], k.shape[1]
+    s = _raw_scores(q, k, scaling)
+    if bias is not None:
+        heads = (1, 1) if bias.shape[1] == 1 else (hk, bias.shape[1] // hk)
+        s = s + bias.float().view(b, *heads, *bias.shape[2:])
+    if causal:
+        s = s.masked_fill_(torch.ones(s.shape[-2:], dtype=torch.bool, device=s.device).triu_(1), -math.inf)
+    return _attend(s, v), torch.logsumexp(s, dim=-1).view(b, q.shape[1], q.shape[2])
+
+
+def _grouped(q: torch.Tensor, n_kv: int) -> torch.Tensor:
+    """[b, hq, n, d] -> [b, hk, G*n, d]: GQA as a batched matmul, without repeating K/V."""
+    b, hq, n, d = q.shape
+    return q.reshape(b, n_kv, (hq // n_kv) * n, d)
+
+
+def _raw_scores(q: torch.Tensor, k: torch.Tensor, scaling: float) -> torch.Tensor:
+    """fp32 q·k for every pair: [b, hk, G, n, K]."""
+    b, hq, n, _ = q.shape
+    hk = k.shape[1]
+    s = torch.matmul(_grouped(q.float(), hk), k.float().transpose(-1, -2)) * scaling
+    return s.view(b, hk, hq // hk, n, k.shape[2])
+
+
+def _attend(scores: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Softmax over keys (rows with no visible key, i.e. padding queries, read zeros), then values."""
+    b, hk, g, n, k = scores.shape
+    p = torch.softmax(scores, dim=-1).nan_to_num_(0.0)
+    o = torch.matmul(p.view(b, hk, g * n, k), v.float())
+    return o.view(b, hk * g, n, v.shape[-1])
