@@ -58,7 +58,8 @@ def _scores(q, k, qi, ki, kvalid, settings: Settings, position) -> torch.Tensor:
         far = is_far(dist, limit)
         if bool(far.any()):
             s = torch.where(far, _raw_scores(position.rotate(q, limit - qi), position.rotate(k, -ki), 1.0), s)
-    seen = visible(dist, ki[:, None, None, None, :], kvalid[:, None, None, None, :], settings.n_global, settings.n_local)
+    ki, kvalid = ki[:, None, None, None, :], kvalid[:, None, None, None, :]
+    seen = visible(dist, ki, kvalid, settings.n_global, settings.n_local)
     return s.masked_fill_(~seen, -math.inf)
 
 
