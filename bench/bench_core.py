@@ -36,7 +36,7 @@ def load(method: str):
     from lminf_eval.models import load_model
 
     model, _ = load_model(MODEL)
-    model.config._attn_implementation = "sdpa"
+    model.set_attn_implementation("sdpa")
     if method == "lm-infinite":
         lminf_eval.apply_lm_infinite(model, n_global=10)
     return model
@@ -86,29 +86,23 @@ def filled_cache(model, method: str, n: int):
         return cache
     s = model.lm_infinite.settings
     cache = LMInfiniteCache(cfg.num_hidden_layers, s.n_global, s.n_local)
-    for start in range(0, n, 4096):  # the same begin/append/end sequence a chunked prefill performs
+    for start in range(0, n, 4096):  # the same begin/update/end sequence a chunked prefill performs
         m = min(4096, n - start)
         cache.begin(None, 1, m, "cpu")
-        for layer in cache.layers:
-            layer.update(torch.randn(1, heads, m, dim), torch.randn(1, heads, m, dim))
+        for layer in range(cfg.num_hidden_layers):
+            cache.update(torch.randn(1, heads, m, dim), torch.randn(1, heads, m, dim), layer)
         cache.end()
     return cache
 
 
 def decode_cell(method: str, n: int, queue, steps: int = 64) -> None:
+    from lminf_eval.measure import decode_times, median
+
     torch.manual_seed(0)
     model = load(method)
     cache = filled_cache(model, method, n)
-    token = torch.tensor([[1]])
-    times = []
-    with torch.no_grad():
-        for i in range(steps + 4):
-            mask = torch.ones(1, n + i + 1, dtype=torch.long)
-            t = time.perf_counter()
-            out = model(token, attention_mask=mask, cache=cache, use_cache=True)
-            times.append(time.perf_counter() - t)
-            cache, token = out.cache, out.logits[:, -1:].argmax(-1)
-    ms = 1000 * sorted(times[4:])[len(times[4:]) // 2]  # median after warm-up
+    times = decode_times(model, cache, torch.tensor([[1]]), n, steps + 4)
+    ms = 1000 * median(times[4:])  # after warm-up
     queue.put({"kind": "decode", "method": method, "n": n, "ms_per_token": ms, "peak_rss_mb": rss_mb()})
 
 
@@ -116,12 +110,17 @@ def kernel_cell(method: str, n: int, queue, repeats: int = 3) -> None:
     """One attention layer of SmolLM2's shape: LM-Infinite kernel vs SDPA causal, attended pairs per second."""
     import torch.nn.functional as F
 
-    from lminf_eval.attention.kernel import Plan, Settings, lambda_attention
-    from lminf_eval.attention.positions import Rope
+    from lminf_eval import Settings
+    from lminf_eval.attention import Plan, lambda_attention
+    from lminf_eval.patch import position_encoding, pretraining_length
 
+    model = load("vanilla")  # its shapes, rotary frequencies and pretraining length
+    cfg = model.config
+    settings = Settings.resolve(pretraining_length(cfg), n_global=10)
+    w, g, d = settings.n_local, settings.n_global, cfg.head_dim
     torch.manual_seed(0)
-    q, k, v = torch.randn(1, 9, n, 64), torch.randn(1, 3, n, 64), torch.randn(1, 3, n, 64)
-    w, g = 8192, 10
+    q = torch.randn(1, cfg.num_attention_heads, n, d)
+    k, v = torch.randn(1, cfg.num_key_value_heads, n, d), torch.randn(1, cfg.num_key_value_heads, n, d)
     if method == "vanilla":
         F.scaled_dot_product_attention(q[:, :, :512], k[:, :, :512], v[:, :, :512], is_causal=True, enable_gqa=True)
 
@@ -130,12 +129,10 @@ def kernel_cell(method: str, n: int, queue, repeats: int = 3) -> None:
 
         pairs = n * (n + 1) // 2
     else:
-        inv_freq = 1.0 / (1e5 ** (torch.arange(0, 64, 2).float() / 64))
-        idx = torch.arange(n)[None]
-        plan = Plan(idx, idx, torch.ones(1, n, dtype=torch.bool), g)
+        plan, rope = Plan.contiguous(n, g), position_encoding(model)
 
         def call():  # the layout is built on the first call and reused, as by layers 2.. of a model
-            lambda_attention(q, k, v, plan, Settings(g, w, w), Rope(None, inv_freq, False), 0.125)
+            lambda_attention(q, k, v, plan, settings, rope, d**-0.5)
 
         call()
         pairs = sum(min(i + 1, w) + (g if i >= w else 0) for i in range(n))
@@ -146,7 +143,13 @@ def kernel_cell(method: str, n: int, queue, repeats: int = 3) -> None:
         times.append(time.perf_counter() - t)
     seconds = min(times)
     queue.put(
-        {"kind": "kernel", "method": method, "n": n, "seconds": seconds, "gpairs_per_s": 9 * pairs / seconds / 1e9}
+        {
+            "kind": "kernel",
+            "method": method,
+            "n": n,
+            "seconds": seconds,
+            "gpairs_per_s": cfg.num_attention_heads * pairs / seconds / 1e9,
+        }
     )
 
 
@@ -155,7 +158,13 @@ def run(cell, *args) -> dict:
     queue = ctx.Queue()
     proc = ctx.Process(target=cell, args=(*args, queue))
     proc.start()
-    result = queue.get()
+    while True:  # a cell that dies (an error, the OOM killer) must not leave us waiting forever
+        try:
+            result = queue.get(timeout=5)
+            break
+        except Exception:
+            if not proc.is_alive():
+                raise RuntimeError(f"{cell.__name__}{args} died with exit code {proc.exitcode}") from None
     proc.join()
     print(json.dumps(result), flush=True)
     return result

@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 
 import lminf_eval
+from lminf_eval.measure import decode_times
+from lminf_eval.patch import position_encoding
 
 GIB = 1 << 30
 PROFILE = False  # --profile: print where the LM-Infinite kernel call spends its GPU time
@@ -75,37 +77,26 @@ def decode(model, n: int, steps: int = 32) -> dict:
     ids = torch.randint(0, model.config.vocab_size, (1, n), device="cuda")
     with torch.no_grad():
         out = model(ids, use_cache=True, logits_to_keep=1)
-        cache, token, times = out.cache, out.logits[:, -1:].argmax(-1), []
-        for i in range(steps + 4):
-            mask = torch.ones(1, n + i + 1, dtype=torch.long, device="cuda")
-            torch.cuda.synchronize()
-            t = time.perf_counter()
-            out = model(token, attention_mask=mask, cache=cache, use_cache=True)
-            torch.cuda.synchronize()
-            times.append(time.perf_counter() - t)
-            cache, token = out.cache, out.logits[:, -1:].argmax(-1)
-    del cache, out
+    times = decode_times(model, out.cache, out.logits[:, -1:].argmax(-1), n, steps + 4)
+    del out
     return {"kind": "decode", "n": n, "ms_per_token": 1000 * statistics.median(times[4:])}
 
 
-def kernel(method: str, n: int, w: int = 4096, g: int = 10) -> dict:
-    """One layer's attention (Llama-2-7B: 32 heads of 128) on random q/k/v."""
-    from lminf_eval.attention.kernel import Plan, Settings, lambda_attention
-    from lminf_eval.attention.positions import Rope
+def kernel(method: str, n: int, rotary) -> dict:
+    """One layer's attention (Llama-2-7B: 32 heads of 128) on random q/k/v; `rotary` from the built model."""
+    from lminf_eval import Settings
+    from lminf_eval.attention import Plan, lambda_attention
 
     q, k, v = (torch.randn(1, 32, n, 128, device="cuda", dtype=torch.bfloat16) for _ in range(3))
     if method == "vanilla":
         seconds, _ = timed(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True))
         pairs = n * (n + 1) // 2
     else:
-        inv_freq = 1.0 / (1e4 ** (torch.arange(0, 128, 2, device="cuda").float() / 128))
-        idx = torch.arange(n, device="cuda")[None]
-        valid = torch.ones(1, n, dtype=torch.bool, device="cuda")
-        rope, cfg = Rope(None, inv_freq, False), Settings(g, w, w)
+        settings = Settings.resolve(4096, n_global=10, backend=BACKENDS[method])
+        w, g = settings.n_local, settings.n_global
 
-        def call():
-            plan = Plan(idx, idx, valid, g)  # a new plan each call: the block masks are rebuilt, as per forward
-            lambda_attention(q, k, v, plan, cfg, rope, 128**-0.5)
+        def call():  # a new plan each call: the block masks are rebuilt, as per forward
+            lambda_attention(q, k, v, Plan.contiguous(n, g, "cuda"), settings, rotary, 128**-0.5)
 
         seconds, _ = timed(call)
         if PROFILE and method == "lm-infinite":
@@ -118,13 +109,8 @@ def kernel(method: str, n: int, w: int = 4096, g: int = 10) -> dict:
 
 
 METHODS = ("vanilla", "lm-infinite", "lm-infinite-blocks")
-
-
-def use(method: str) -> None:
-    """lm-infinite: the FlexAttention path; lm-infinite-blocks: the blocked kernel with FlashAttention-2."""
-    from lminf_eval.attention import kernel
-
-    kernel.FLEX_DEVICES = () if method == "lm-infinite-blocks" else ("cuda",)
+# lm-infinite: the FlexAttention backend; lm-infinite-blocks: the blocked kernel with FlashAttention-2 calls
+BACKENDS = {"lm-infinite": "flex", "lm-infinite-blocks": "blocks"}
 
 
 def table(results: list[dict]) -> str:
@@ -171,15 +157,14 @@ def main() -> None:
         results.append({"method": method, **row})
         print(json.dumps(results[-1]), flush=True)
 
+    model = build(args.layers)
+    rotary = position_encoding(model)
     for n in ints(args.kernel):
         for method in METHODS:
-            use(method)
-            record(method, kernel(method, n))
-    model = build(args.layers)
+            record(method, kernel(method, n, rotary))
     for method in METHODS:
-        use(method)
-        if method == "lm-infinite":
-            lminf_eval.apply_lm_infinite(model, n_global=10)
+        if method in BACKENDS:
+            lminf_eval.apply_lm_infinite(model, n_global=10, backend=BACKENDS[method])
         for n in ints(args.lengths):
             record(method, prefill(model, n))
         for n in ints(args.decode):

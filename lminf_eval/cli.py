@@ -1,18 +1,27 @@
-"""`lminf-eval`: the command line. Each evaluation command shares the common flags below; any flag can also
-come from `--config FILE.yaml` (flags given on the command line win)."""
+"""`lminf-eval`: the command line. One command per registered task (`lminf_eval.task.TASKS`), each taking
+- the flags every task shares (`RunConfig`'s fields),
+- LM-Infinite's settings (`lminf_eval.settings`), with the defaults this task resolves them to,
+- the task's own flags (its `Options` dataclass, declared beside its code),
+and `--config FILE.yaml` for any of them (flags given on the command line win). `run_task` turns them into
+one `RunConfig` and hands it to the runner.
+"""
 
 from __future__ import annotations
 
-import inspect
 import sys
-from dataclasses import dataclass
+from dataclasses import MISSING, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, get_type_hints
 
 import typer
 
-from .config import RunConfig, read_config_file
+from . import tasks  # noqa: F401  (registers the built-in tasks)
+from .config import COMMON, RunConfig, read_config_file, split_settings
 from .errors import UserError
+from .settings import HELP as SETTING_HELP
+from .settings import NAMES as SETTING_NAMES
+from .settings import describe_default
+from .task import TASKS, Task, load_plugins
 
 app = typer.Typer(
     name="lminf-eval",
@@ -23,87 +32,51 @@ app = typer.Typer(
 )
 
 
-@dataclass
-class Flag:
-    name: str
-    type: Any
-    help: str
-    default: Any = None
+def run_task(task_type: type[Task], ctx: typer.Context, flags: dict[str, Any]) -> None:
+    """Every task command: the flags (and --config) into one RunConfig, then the runner."""
+    from .runner import execute
+
+    quiet_libraries()
+    try:
+        execute(task_type, collect(task_type, ctx, flags))
+    except UserError as err:
+        _fail(str(err))
+    except ImportError as err:
+        _fail(f"missing optional package {err.name or err}: pip install {err.name or ''}".strip())
+    except KeyboardInterrupt:
+        raise typer.Exit(130) from None
 
 
-COMMON = [
-    Flag(
-        "model",
-        str,
-        "Registry name (smollm2-135m, tiny-rope, tiny-alibi, llama-2-7b, ...), hub id, local "
-        "directory, or .gguf file. (default: tiny-rope)",
-    ),
-    Flag(
-        "method",
-        list[str],
-        "Methods side by side: vanilla, lm-infinite, window, lambda-only, ceiling-only, "
-        "truncate; options as name:key=value (lm-infinite:top_k=5). Repeat or comma-separate. "
-        "[default: vanilla,lm-infinite]",
-    ),
-    Flag(
-        "dataset",
-        str,
-        "Registry name (arxiv-sample, web-sample, arxiv, openwebtext2, pg19), hub dataset id, "
-        "or local .jsonl/.txt/directory. (default: arxiv-sample)",
-    ),
-    Flag("text_field", str, "Text field of jsonl/hub records. (default: text)"),
-    Flag("split", str, "Hub dataset split."),
-    Flag(
-        "lengths",
-        str,
-        "Token counts (4096,8192), 8k, or multiples of the pretraining length (0.5x,1x,32x). "
-        "[default: depends on the command]",
-    ),
-    Flag("num_docs", int, "Documents to evaluate. (default: 4)"),
-    Flag("min_tokens", int, "Skip documents shorter than this. (default: the longest length)"),
-    Flag("pretraining_length", int, "Override L_pre (configs lie: MPT-7B says 2048). (default: from the config)"),
-    Flag("n_global", int, "Starting tokens every query sees. (default: 100 (ppl, generate, timing), 10 (passkey))"),
-    Flag("n_local", int, "Local window. (default: L_pre)"),
-    Flag("limit_distance", int, "Distance ceiling. (default: L_pre)"),
-    Flag("top_k", int, "Top-k middle tokens for the last query row (paper: 5 for passkey). (default: off)"),
-    Flag("top_k_from_layer", int, "First layer using top-k middle tokens. (default: 4)"),
-    Flag("top_k_distance", int, "Distance the top-k tokens are scored at. (default: L_pre/2)"),
-    Flag("dtype", str, "auto (float32 on CPU, bfloat16 on GPU), float32, float16, bfloat16. (default: auto)"),
-    Flag("device", str, "auto (cuda if present, else cpu), cpu, cuda, cuda:1. (default: auto)"),
-    Flag("device_map", str, "Shard a model too big for one GPU (accelerate), e.g. auto."),
-    Flag("seed", int, "Seed for prompts, keys and sampling. (default: 0)"),
-    Flag("output_dir", Path, "Where results go. (default: results/COMMAND/MODEL/TIMESTAMP)"),
-    Flag("resume", bool, "Skip cells already in --output-dir (or the latest run of this command and model).", False),
-    Flag("config", Path, "YAML file of flag: value pairs (configs/*.yaml hold the paper's runs)."),
-]
-EXTRA = {
-    "ppl": [
-        Flag("bucket_size", int, "Positions averaged for each milestone. (default: L_pre/8)"),
-        Flag(
-            "stream_tokens",
-            int,
-            "Extreme-length mode: one stream of N tokens read chunk by chunk through the bounded cache.",
-        ),
-        Flag("chunk_size", int, "Stream mode: tokens per forward. (default: L_pre)"),
-        Flag("log_x", bool, "Log-scale position axis in the NLL plot.", False),
-    ],
-    "passkey": [
-        Flag("depths", str, "Needle depths to sweep, e.g. 0,0.25,0.5,0.75,1. (default: uniform random)"),
-        Flag("num_samples", int, "Prompts per length (and depth). (default: 4)"),
-        Flag("distractors", int, "Decoy needles with other names and numbers. (default: 0)"),
-        Flag("new_tokens", int, "Tokens generated for the answer. (default: 10)"),
-    ],
-    "generate": [Flag("new_tokens", int, "Tokens generated and scored after each position. (default: 100)")],
-    "timing": [Flag("new_tokens", int, "Decoding steps timed. (default: 16)")],
-    "diagnose": [],
-}
-HELP = {
-    "ppl": "Per-position perplexity at milestone lengths (paper Table 1, Fig. 3), or on one long stream.",
-    "passkey": "Passkey retrieval with optional distractors, over lengths and needle depths (paper Table 2).",
-    "generate": "BLEU and ROUGE of greedy continuations after long prefixes (paper Table 3).",
-    "timing": "Encoding/decoding speed and peak memory against vanilla (paper App. G).",
-    "diagnose": "Why vanilla fails past L_pre: max logit vs distance, entropy, hidden-state PCA (paper Fig. 1).",
-}
+def collect(task_type: type[Task], ctx: typer.Context, flags: dict[str, Any]) -> RunConfig:
+    """Command-line flags over `--config` values over defaults, split into common flags, settings, options."""
+    config = flags.pop("config", None)
+    option_names = [f.name for f in fields(task_type.Options)]
+    allowed = {*COMMON, *SETTING_NAMES, *option_names}
+    file_values = read_config_file(str(config), allowed) if config else {}
+    values, argv = {}, ["lminf-eval", task_type.name]
+    for name, value in flags.items():
+        source = ctx.get_parameter_source(name)  # compared by name: typer and click may differ in enum class
+        if source is not None and source.name not in ("DEFAULT", "DEFAULT_MAP"):
+            argv += _as_argv(name, value)
+        elif name in file_values:
+            value = file_values[name]
+        if value is not None and value != []:
+            values[name] = str(value) if isinstance(value, Path) else value
+    if config:
+        argv += ["--config", str(config)]
+    settings, values = split_settings(values)
+    options = task_type.Options(**{k: values.pop(k) for k in option_names if k in values})
+    values.setdefault("lengths", task_type.default_lengths)
+    return RunConfig(command=task_type.name, settings=settings, options=options, argv=argv, **values)
+
+
+def _as_argv(name: str, value) -> list[str]:
+    flag = "--" + name.replace("_", "-")
+    if isinstance(value, bool):
+        return [flag] if value else []
+    if isinstance(value, list):
+        return [x for v in value for x in (flag, str(v))]
+    return [flag, str(value)]
 
 
 def _fail(message: str, code: int = 2):
@@ -111,64 +84,78 @@ def _fail(message: str, code: int = 2):
     raise typer.Exit(code)
 
 
-def _collect(command: str, ctx: typer.Context, kwargs: dict) -> RunConfig:
-    from .tasks import TASKS
-
-    file_values = read_config_file(str(kwargs["config"])) if kwargs.get("config") else {}
-    allowed = {f.name for f in COMMON + EXTRA[command]}
-    for key in file_values:
-        if key not in allowed:
-            raise UserError(f"config key {key!r} does not apply to `{command}`")
-    values = {}
-    for name, value in kwargs.items():
-        if name == "config":
-            continue
-        source = ctx.get_parameter_source(name)  # compared by name: typer and click may differ in enum class
-        from_cli = source is not None and source.name not in ("DEFAULT", "DEFAULT_MAP")
-        if not from_cli and name in file_values:
-            value = file_values[name]
-        if value is not None and value != []:
-            values[name] = str(value) if isinstance(value, Path) else value
-    values.setdefault("lengths", TASKS[command].default_lengths)
-    return RunConfig(command=command, **values)
+# --- commands from the registry --------------------------------------------------------------------
 
 
-def _make_command(command: str):
-    def run(ctx: typer.Context, **kwargs):
-        from .runner import execute
-        from .tasks import TASKS
+def _flags(task_type: type[Task]) -> list[tuple[str, Any, str]]:
+    """(name, type, help) of every flag of a task's command, help ending in the default that applies."""
+    out = []
+    hints = get_type_hints(RunConfig)
+    for f in fields(RunConfig):
+        if f.name in COMMON:
+            default = task_type.default_lengths if f.name == "lengths" else _default(f)
+            out.append((f.name, hints[f.name], _with_default(f.metadata["help"], default)))
+    for name in SETTING_NAMES:
+        default = describe_default(name, task_type.settings_defaults)
+        out.append((name, str if name == "backend" else int, _with_default(SETTING_HELP[name], default)))
+    hints = get_type_hints(task_type.Options)
+    for f in fields(task_type.Options):
+        out.append((f.name, hints[f.name], _with_default(f.metadata["help"], _default(f))))
+    out.append(("config", Path, "YAML file of flag: value pairs (configs/*.yaml hold the paper's runs)."))
+    return out
 
-        quiet_libraries()
-        try:
-            execute(TASKS[command], _collect(command, ctx, kwargs))
-        except UserError as err:
-            _fail(str(err))
-        except ImportError as err:
-            _fail(f"missing optional package {err.name or err}: pip install {err.name or ''}".strip())
-        except KeyboardInterrupt:
-            raise typer.Exit(130) from None
+
+def _default(f) -> Any:
+    if f.default is not MISSING:
+        return f.default
+    return f.default_factory() if f.default_factory is not MISSING else None
+
+
+def _with_default(help: str, default) -> str:
+    if default is None or default is False:
+        return help
+    shown = ",".join(map(str, default)) if isinstance(default, list) else default
+    return f"{help} (default: {shown})"  # (square brackets would be read as rich markup)
+
+
+def _command(task_type: type[Task]):
+    """A typer command whose parameters are the task's flags (typer reads them from the signature)."""
+    import inspect
+
+    def command(ctx: typer.Context, **flags):
+        run_task(task_type, ctx, flags)
 
     params = [inspect.Parameter("ctx", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=typer.Context)]
-    for flag in COMMON + EXTRA[command]:
-        metavar = {str: "TEXT", int: "INT", Path: "PATH", list[str]: "METHOD"}.get(flag.type)
+    for name, kind, help in _flags(task_type):
+        is_bool = kind is bool
+        base = kind if not is_bool else bool
+        metavar = {str: "TEXT", int: "INT", Path: "PATH", list[str]: "METHOD"}.get(_strip_none(base))
         option = typer.Option(
-            flag.default, "--" + flag.name.replace("_", "-"), help=flag.help, show_default=False, metavar=metavar
+            False if is_bool else None,
+            "--" + name.replace("_", "-"),
+            help=help,
+            show_default=False,
+            metavar=metavar,
         )
-        params.append(
-            inspect.Parameter(
-                flag.name,
-                inspect.Parameter.KEYWORD_ONLY,
-                default=option,
-                annotation=flag.type if flag.type is bool else (flag.type | None),
-            )
-        )
-    run.__signature__ = inspect.Signature(params)
-    run.__name__ = command
-    app.command(command, help=HELP[command])(run)
+        annotation = bool if is_bool else (_strip_none(base) | None)
+        params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=annotation))
+    command.__signature__ = inspect.Signature(params)
+    command.__name__ = task_type.name
+    command.__doc__ = task_type.help
+    return command
 
 
-for _command in HELP:
-    _make_command(_command)
+def _strip_none(kind):
+    args = getattr(kind, "__args__", None)
+    if args and type(None) in args:
+        return next(a for a in args if a is not type(None))
+    return kind
+
+
+def register_commands() -> None:
+    load_plugins()
+    for task_type in TASKS.values():
+        app.command(task_type.name, help=task_type.help)(_command(task_type))
 
 
 @app.command("report")
@@ -196,6 +183,9 @@ def quiet_libraries() -> None:
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     datasets.disable_progress_bars()
+
+
+register_commands()
 
 
 def main() -> None:

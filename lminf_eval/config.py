@@ -1,61 +1,65 @@
-"""One run's configuration: CLI flags, optionally filled from a YAML file, validated once."""
+"""One run's configuration (`RunConfig`): the flags every task shares, LM-Infinite settings given on the
+command line, and the task's own options; optionally filled from a YAML file, validated once."""
 
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
+from typing import Any
 
 import yaml
 
 from .errors import UserError
+from .settings import NAMES as SETTING_NAMES
+from .task import option
 
 
 @dataclass
 class RunConfig:
     command: str = "ppl"
-    model: str = "tiny-rope"
-    method: list[str] = field(default_factory=lambda: ["vanilla", "lm-infinite"])
-    dataset: str = "arxiv-sample"
-    text_field: str | None = None
-    split: str | None = None
-    lengths: str = "0.5x,1x,2x,4x,8x,16x,32x"
-    num_docs: int = 4
-    min_tokens: int | None = None
-    pretraining_length: int | None = None
-    n_global: int | None = None  # None: the task's paper default (100 for ppl/generate, 10 for passkey)
-    n_local: int | None = None
-    limit_distance: int | None = None
-    top_k: int | None = None
-    top_k_from_layer: int = 4
-    top_k_distance: int | None = None
-    dtype: str = "auto"
-    device: str = "auto"
-    device_map: str | None = None
-    seed: int = 0
-    output_dir: str | None = None
-    resume: bool = False
-    # ppl
-    bucket_size: int | None = None
-    stream_tokens: int | None = None
-    chunk_size: int | None = None
-    log_x: bool = False
-    # passkey
-    depths: str | None = None
-    num_samples: int = 4
-    distractors: int = 0
-    # generate / passkey / timing
-    new_tokens: int | None = None
+    model: str = option(
+        "tiny-rope",
+        "Registry name (smollm2-135m, tiny-rope, tiny-alibi, llama-2-7b, ...), hub id, local directory, or .gguf file.",
+    )
+    method: list[str] = option(
+        ["vanilla", "lm-infinite"],
+        "Methods side by side: vanilla, lm-infinite, window, lambda-only, ceiling-only, truncate; options as "
+        "name:key=value (lm-infinite:top_k=5). Repeat or comma-separate.",
+    )
+    dataset: str = option(
+        "arxiv-sample",
+        "Registry name (arxiv-sample, web-sample, arxiv, openwebtext2, pg19), hub dataset id, or local "
+        ".jsonl/.txt/directory.",
+    )
+    text_field: str | None = option(None, "Text field of jsonl/hub records (default: the dataset's, else text).")
+    split: str | None = option(None, "Hub dataset split.")
+    lengths: str | None = option(None, "Token counts (4096,8192), 8k, or multiples of the pretraining length (1x,32x).")
+    num_docs: int = option(4, "Documents to evaluate.")
+    min_tokens: int | None = option(None, "Skip documents shorter than this (default: the longest length).")
+    pretraining_length: int | None = option(None, "Override L_pre (configs lie: MPT-7B says 2048; default: config).")
+    dtype: str = option("auto", "auto (float32 on CPU, bfloat16 on GPU), float32, float16, bfloat16.")
+    device: str = option("auto", "auto (cuda if present, else cpu), cpu, cuda, cuda:1.")
+    device_map: str | None = option(None, "Shard a model too big for one GPU (accelerate), e.g. auto.")
+    seed: int = option(0, "Seed for prompts, keys and sampling.")
+    output_dir: str | None = option(None, "Where results go (default: results/COMMAND/MODEL/TIMESTAMP).")
+    resume: bool = option(False, "Skip cells already in --output-dir (or the latest run of this command and model).")
+    settings: dict[str, Any] = field(default_factory=dict)  # LM-Infinite settings given by flags (lminf_eval.settings)
+    options: Any = None  # the task's own Options dataclass
+    argv: list[str] = field(default_factory=list)  # the command line that made this run
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "options"}
+        out["options"] = asdict(self.options) if is_dataclass(self.options) else {}
+        return out
 
 
-FIELD_NAMES = {f.name for f in fields(RunConfig)}
+# flags that are common to every task (the rest of RunConfig is filled in by the CLI)
+COMMON = tuple(f.name for f in fields(RunConfig) if f.metadata.get("help"))
 
 
-def read_config_file(path: str) -> dict:
-    """YAML mapping of option names (dashes or underscores) to values; unknown keys are errors."""
+def read_config_file(path: str, allowed: set[str]) -> dict:
+    """YAML mapping of option names (dashes or underscores) to values; keys outside `allowed` are errors."""
     file = Path(path)
     if not file.exists():
         raise UserError(f"config file {path} does not exist (shipped configs are in configs/)")
@@ -70,12 +74,18 @@ def read_config_file(path: str) -> dict:
         name = str(key).replace("-", "_")
         if name == "methods":
             name = "method"
-        if name not in FIELD_NAMES:
+        if name not in allowed:
             raise UserError(f"unknown config key {key!r} in {path}: see `lminf-eval COMMAND --help` for option names")
         if name == "method" and isinstance(value, str):
             value = [value]
         out[name] = value
     return out
+
+
+def split_settings(values: dict) -> tuple[dict, dict]:
+    """(LM-Infinite settings, everything else) from one flat mapping of option names."""
+    settings = {k: v for k, v in values.items() if k in SETTING_NAMES}
+    return settings, {k: v for k, v in values.items() if k not in SETTING_NAMES}
 
 
 def parse_lengths(spec: str | list, pretraining_length: int) -> list[int]:

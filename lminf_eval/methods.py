@@ -1,17 +1,20 @@
 """The methods compared side by side: vanilla, LM-Infinite, and the paper's ablation/baseline presets.
 
 A method spec is `name[:key=value...]`, e.g. `lm-infinite:top_k=5:top_k_from_layer=4` or
-`lm-infinite:n_global=0`, so a sweep is just several methods in one run.
+`lm-infinite:n_global=0`, so a sweep is just several methods in one run. A method's settings are resolved by
+`Settings.resolve` from, later winning: the task's paper defaults, the run's flags, the preset, the spec.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 from .errors import UserError
 from .patch import apply_lm_infinite, remove_lm_infinite
+from .settings import NAMES, Settings
 
 # name -> LM-Infinite settings it fixes (None: the unmodified model)
 PRESETS: dict[str, dict | None] = {
@@ -22,7 +25,6 @@ PRESETS: dict[str, dict | None] = {
     "ceiling-only": {"n_local": math.inf},  # distance ceiling without the mask
     "truncate": None,  # vanilla on the last L_pre tokens only, re-encoded (paper Table 2 baseline)
 }
-KEYS = ("n_global", "n_local", "limit_distance", "top_k", "top_k_from_layer", "top_k_distance")
 
 
 @dataclass(frozen=True)
@@ -35,15 +37,20 @@ class Method:
     def patched(self) -> bool:
         return PRESETS[self.name] is not None
 
-    def settings(self, defaults: dict) -> dict:
-        """LM-Infinite keyword arguments: run-wide defaults, then the preset, then the spec's own options."""
-        merged = {k: v for k, v in defaults.items() if v is not None}
-        merged.update(PRESETS[self.name] or {})
-        merged.update(self.options)
-        return merged
+    def settings(self, pretraining_length: int, *layers: dict) -> Settings | None:
+        """The resolved settings (None for an unpatched method): `layers` (task defaults, then the run's
+        flags), then the preset, then the spec's own options; `None` values are skipped."""
+        if not self.patched:
+            return None
+        merged: dict = {}
+        for layer in (*layers, PRESETS[self.name], self.options):
+            merged.update({k: v for k, v in layer.items() if v is not None})
+        return Settings.resolve(pretraining_length, **merged)
 
 
-def _value(text: str):
+def _value(key: str, text: str):
+    if key == "backend":
+        return text
     if text.lower() in ("inf", "infinity", "none"):
         return math.inf if text.lower() != "none" else None
     try:
@@ -59,9 +66,9 @@ def parse_method(spec: str) -> Method:
     options = {}
     for part in parts:
         key, eq, val = part.partition("=")
-        if not eq or key not in KEYS:
-            raise UserError(f"bad method option {part!r} in {spec!r}: use key=value with key in {', '.join(KEYS)}")
-        options[key] = _value(val)
+        if not eq or key not in NAMES:
+            raise UserError(f"bad method option {part!r} in {spec!r}: use key=value with key in {', '.join(NAMES)}")
+        options[key] = _value(key, val)
     if options and PRESETS[name] is None:
         raise UserError(f"method {name!r} takes no options")
     return Method(spec.strip(), name, options)
@@ -76,29 +83,35 @@ def parse_methods(specs: list[str]) -> list[Method]:
 
 
 @contextmanager
-def applied(model, method: Method, defaults: dict, pretraining_length: int | None):
-    """The model as `method` needs it for the duration of the block, then back to vanilla."""
-    if method.patched:
-        apply_lm_infinite(model, **method.settings(defaults), pretraining_length_override=pretraining_length)
+def applied(model, settings: Settings | None, pretraining_length: int):
+    """The model with LM-Infinite at `settings` (None: vanilla, allowed past its tables) for the block, then
+    exactly as it was."""
+    if settings is not None:
+        apply_lm_infinite(model, **asdict(settings), pretraining_length_override=pretraining_length)
+        undo = remove_lm_infinite
     else:
-        allow_long_vanilla(model)
+        undo = allow_long_vanilla(model)
     try:
         yield model
     finally:
-        remove_lm_infinite(model)
+        undo(model)
 
 
-def allow_long_vanilla(model) -> None:
+def allow_long_vanilla(model) -> Callable:
     """Some families cannot even run vanilla past their table size (MPT's ALiBi tensor, GPT-J's sin/cos
-    table); extend those tables with the same formula so vanilla extrapolates the way the paper ran it."""
+    table); extend those tables with the same formula so vanilla extrapolates the way the paper ran it.
+    Returns the function that puts them back."""
     config = model.config
     if config.model_type == "mpt" and config.max_seq_len < 1 << 20:
+        saved = config.max_seq_len
         config.max_seq_len = 1 << 20
+        return lambda model: setattr(model.config, "max_seq_len", saved)
     if config.model_type == "gptj":
         from transformers.models.gptj.modeling_gptj import create_sinusoidal_positions
 
         rotary = model.base_model.rotary_emb
-        if rotary.embed_positions.shape[0] < 1 << 17:
-            rotary.embed_positions = create_sinusoidal_positions(1 << 17, rotary.pos_embd_dim).to(
-                rotary.embed_positions.device
-            )
+        saved = rotary.embed_positions
+        if saved.shape[0] < 1 << 17:
+            rotary.embed_positions = create_sinusoidal_positions(1 << 17, rotary.pos_embd_dim).to(saved.device)
+        return lambda model: setattr(model.base_model.rotary_emb, "embed_positions", saved)
+    return lambda model: None

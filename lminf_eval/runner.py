@@ -5,10 +5,9 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict
 from itertools import groupby
 from pathlib import Path
-from typing import Any
 
 import torch
 from rich.console import Console
@@ -18,34 +17,11 @@ from rich.table import Table
 from .config import RunConfig, parse_lengths
 from .data import check_dataset
 from .errors import UserError
-from .methods import Method, applied, parse_methods
+from .methods import applied, parse_methods
 from .models import load_model, pretraining_length_for
 from .patch import pretraining_length
 from .results import RunDir, cell_id, default_output_dir, format_number, git_hash, latest_run, versions
-
-console = Console(stderr=True)
-
-
-@dataclass
-class Cell:
-    key: dict  # what identifies the result (method label, document, length, ...), JSON-serialisable
-    method: Method
-    data: Any = None  # whatever the task needs to run it
-    tokens: int = 0  # for the tokens/s readout
-
-
-@dataclass
-class Context:
-    cfg: RunConfig
-    model: Any
-    tokenizer: Any
-    device: torch.device
-    l_pre: int
-    lengths: list[int]
-    methods: list[Method]
-    run: RunDir
-    defaults: dict = field(default_factory=dict)  # LM-Infinite settings shared by all methods
-    extra: dict = field(default_factory=dict)  # task scratch (documents, ...)
+from .task import Cell, Context, Task, console
 
 
 def distributed() -> tuple[int, int]:
@@ -65,15 +41,16 @@ def barrier(world: int) -> None:
         PartialState().wait_for_everyone()
 
 
-def shared_output_dir(cfg: RunConfig, world: int) -> Path:
-    if cfg.output_dir:
-        return Path(cfg.output_dir)
-    if cfg.resume:
-        found = latest_run(cfg.command, cfg.model)
+def shared_output_dir(run_config: RunConfig, world: int) -> Path:
+    if run_config.output_dir:
+        return Path(run_config.output_dir)
+    command, model = run_config.command, run_config.model
+    if run_config.resume:
+        found = latest_run(command, model)
         if found is None:
-            raise UserError(f"--resume found no earlier {cfg.command} run of {cfg.model}: pass --output-dir")
+            raise UserError(f"--resume found no earlier {command} run of {model}: pass --output-dir")
         return found
-    path = default_output_dir(cfg.command, cfg.model)
+    path = default_output_dir(command, model)
     if world > 1:  # every rank must write into rank 0's folder
         from accelerate.utils import broadcast_object_list
 
@@ -81,17 +58,19 @@ def shared_output_dir(cfg: RunConfig, world: int) -> Path:
     return path
 
 
-def resolve_device(cfg: RunConfig) -> tuple[torch.device, str]:
-    device = cfg.device
+def resolve_device(run_config: RunConfig) -> tuple[torch.device, str]:
+    device = run_config.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError("--device cuda asked for, but no CUDA device is visible: use --device cpu")
     if device == "cuda" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
-    dtype = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if device.startswith("cuda") else "float32")
+    dtype = run_config.dtype
+    if dtype == "auto":
+        dtype = "bfloat16" if device.startswith("cuda") else "float32"
     if dtype not in ("float32", "float16", "bfloat16"):
-        raise UserError(f"unknown --dtype {cfg.dtype!r}: use auto, float32, float16 or bfloat16")
+        raise UserError(f"unknown --dtype {run_config.dtype!r}: use auto, float32, float16 or bfloat16")
     return torch.device(device), dtype
 
 
@@ -103,57 +82,54 @@ def is_oom(err: BaseException) -> bool:
     )
 
 
-def execute(task, cfg: RunConfig) -> Path:
+def execute(task_type: type[Task], run_config: RunConfig) -> Path:
+    """Run every cell of `task_type` for `run_config` (resuming if asked), then write results.json and tables."""
     rank, world = distributed()
-    parse_methods(cfg.method)  # fail fast on a typo, before a model loads
-    check_dataset(cfg.dataset, cfg.text_field, cfg.split)
-    device, dtype = resolve_device(cfg)
-    out = shared_output_dir(cfg, world)
+    methods = parse_methods(run_config.method)  # fail fast on a typo, before a model loads
+    check_dataset(run_config.dataset, run_config.text_field, run_config.split)
+    device, dtype = resolve_device(run_config)
+    out = shared_output_dir(run_config, world)
     run = RunDir(out, rank, world)
-    if not cfg.resume and rank == 0 and any(out.glob("samples*.jsonl")):
+    if not run_config.resume and rank == 0 and any(out.glob("samples*.jsonl")):
         raise UserError(f"{out} already holds results: pass --resume to continue it, or another --output-dir")
-    torch.manual_seed(cfg.seed)
-    model, tokenizer = load_model(cfg.model, dtype, str(device), cfg.device_map)
-    l_pre = cfg.pretraining_length or pretraining_length_for(cfg.model) or pretraining_length(model.config)
+    torch.manual_seed(run_config.seed)
+    model, tokenizer = load_model(run_config.model, dtype, str(device), run_config.device_map)
+    l_pre = run_config.pretraining_length or pretraining_length_for(run_config.model)
+    l_pre = l_pre or pretraining_length(model.config)
     if not l_pre:
-        raise UserError(f"{cfg.model} config has no pretraining length: pass --pretraining-length")
-    ctx = Context(
-        cfg, model, tokenizer, device, l_pre, parse_lengths(cfg.lengths, l_pre), parse_methods(cfg.method), run
-    )
-    ctx.defaults = {
-        "n_global": cfg.n_global if cfg.n_global is not None else task.default_n_global,
-        "n_local": cfg.n_local,
-        "limit_distance": cfg.limit_distance,
-        "top_k": cfg.top_k,
-        "top_k_from_layer": cfg.top_k_from_layer,
-        "top_k_distance": cfg.top_k_distance,
-    }
-    for method in ctx.methods:  # bad settings or an unsupported model fail now, not after hours of vanilla
+        raise UserError(f"{run_config.model} config has no pretraining length: pass --pretraining-length")
+    # bad settings or an unsupported model fail now, not after hours of vanilla
+    settings = {m.label: m.settings(l_pre, task_type.settings_defaults, run_config.settings) for m in methods}
+    for method in methods:
         if method.patched:
-            with applied(model, method, ctx.defaults, l_pre):
+            with applied(model, settings[method.label], l_pre):
                 pass
-    task.prepare(ctx)
-    cells = task.cells(ctx)
-    done = run.finished() if cfg.resume else set()
+    lengths = parse_lengths(run_config.lengths or task_type.default_lengths, l_pre)
+    ctx = Context(run_config, model, tokenizer, device, l_pre, lengths, methods, settings, run)
+    task = task_type(ctx)
+    task.prepare()
+    cells = task.cells()
+    done = run.finished() if run_config.resume else set()
     mine = [c for i, c in enumerate(cells) if i % world == rank and cell_id(c.key) not in done]
     started = time.time()
     interrupted = False
     try:
-        _run_cells(task, ctx, mine, len(cells), len(cells) - len(mine) if world == 1 else 0)
+        _run_cells(task, mine, len(cells), len(cells) - len(mine) if world == 1 else 0)
     except KeyboardInterrupt:
         interrupted = True
     barrier(world)
     if rank == 0:
         if world > 1:
             run.merge_ranks()
-        _summarize(task, ctx, started, "interrupted" if interrupted else "complete")
+        _summarize(task, started, "interrupted" if interrupted else "complete")
     if interrupted:
         console.print(f"[yellow]interrupted: finished cells are in {out}; rerun with --resume --output-dir {out}")
         raise KeyboardInterrupt
     return out
 
 
-def _run_cells(task, ctx: Context, cells: list[Cell], total: int, skipped: int) -> None:
+def _run_cells(task: Task, cells: list[Cell], total: int, skipped: int) -> None:
+    ctx = task.ctx
     columns = [
         TextColumn("{task.description}"),
         BarColumn(),
@@ -165,13 +141,13 @@ def _run_cells(task, ctx: Context, cells: list[Cell], total: int, skipped: int) 
     with Progress(*columns, console=console, transient=False) as progress:
         bar = progress.add_task(task.name, total=total, completed=skipped, rate="")
         for method, group in groupby(cells, key=lambda c: c.method):
-            with applied(ctx.model, method, ctx.defaults, ctx.l_pre):
+            with applied(ctx.model, ctx.settings[method.label], ctx.l_pre):
                 for cell in group:
                     label = " ".join(f"{v}" for k, v in cell.key.items() if k != "method")
                     progress.update(bar, description=f"{task.name} {method.label} {label}")
                     start = time.time()
                     try:
-                        result = task.run_cell(ctx, cell)
+                        result = task.run_cell(cell)
                         ctx.run.record(cell.key, "ok", time.time() - start, result)
                     except Exception as err:
                         if not is_oom(err):
@@ -184,19 +160,19 @@ def _run_cells(task, ctx: Context, cells: list[Cell], total: int, skipped: int) 
                     progress.update(bar, advance=1, rate=f"{tokens / max(time.time() - t0, 1e-9):,.0f} tok/s")
 
 
-def _summarize(task, ctx: Context, started: float, status: str) -> None:
+def _summarize(task: Task, started: float, status: str) -> None:
+    ctx = task.ctx
     rows = ctx.run.read_samples()
-    metrics, tables = task.summarize(ctx, rows)
+    metrics, tables = task.summarize(rows)
     summary = {
-        "command": ctx.cfg.command,
+        "command": ctx.run_config.command,
+        "argv": ctx.run_config.argv,
         "status": status,
-        "config": ctx.cfg.to_dict(),
+        "config": ctx.run_config.to_dict(),
         "resolved": {
             "pretraining_length": ctx.l_pre,
             "lengths": ctx.lengths,
-            "methods": [
-                {"label": m.label, "settings": m.settings(ctx.defaults) if m.patched else None} for m in ctx.methods
-            ],
+            "methods": [{"label": m.label, "settings": _jsonable(ctx.settings[m.label])} for m in ctx.methods],
         },
         "versions": versions(),
         "git": git_hash(),
@@ -207,10 +183,17 @@ def _summarize(task, ctx: Context, started: float, status: str) -> None:
     }
     ctx.run.write_summary(summary, tables)
     if rows:
-        task.plots(ctx, rows)
+        task.plots(rows)
     for name, df in tables.items():
         print_table(name, df)
     console.print(f"results: {ctx.run.path}")
+
+
+def _jsonable(settings) -> dict | None:
+    """Settings as JSON: infinite lengths as the string "inf"."""
+    if settings is None:
+        return None
+    return {k: ("inf" if v == float("inf") else v) for k, v in asdict(settings).items()}
 
 
 def print_table(name: str, df) -> None:

@@ -78,8 +78,8 @@ DEFAULTS: dict[str, object] = {
 }
 HELP = {
     "n_global": "Starting tokens every query sees.",
-    "n_local": "Local window (inf: no window).",
-    "limit_distance": "Distance ceiling (inf: no ceiling).",
+    "n_local": "Local window.",
+    "limit_distance": "Distance ceiling.",
     "top_k": "Top-k middle tokens for the last query row (paper: 5 for passkey; 0: off).",
     "top_k_from_layer": "First layer (0-based) using top-k middle tokens.",
     "top_k_distance": "Distance the top-k middle tokens are scored at.",

@@ -1,9 +1,5 @@
-"""The paper's evaluations, one module each; `TASKS` maps a command name to its task."""
+"""The paper's evaluations, one module each; importing this package registers them (`lminf_eval.task.TASKS`)."""
 
-from .diagnose import Diagnose
-from .generate import Generation
-from .passkey import Passkey
-from .ppl import Perplexity
-from .timing import Timing
+from . import diagnose, generate, passkey, ppl, stream, timing
 
-TASKS = {task.name: task for task in (Perplexity(), Passkey(), Generation(), Timing(), Diagnose())}
+__all__ = ["diagnose", "generate", "passkey", "ppl", "stream", "timing"]

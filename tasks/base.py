@@ -1,34 +1,9 @@
-"""What a task provides to the shared runner (lminf_eval/runner.py)."""
+"""Helpers the built-in tasks share: tables of methods x columns, the truncate baseline, greedy decoding."""
 
 from __future__ import annotations
 
 import pandas as pd
 import torch
-
-
-class Task:
-    name = ""
-    default_n_global = 100  # paper: 100 for perplexity and generation, 10 for passkey and streams
-    default_lengths = "0.5x,1x,2x,4x,8x,16x,32x"
-
-    def prepare(self, ctx) -> None:
-        """Load data, validate lengths; called once before cells are listed."""
-
-    def cells(self, ctx) -> list:
-        raise NotImplementedError
-
-    def run_cell(self, ctx, cell) -> dict:
-        raise NotImplementedError
-
-    def summarize(self, ctx, rows: list[dict]) -> tuple[dict, dict[str, pd.DataFrame]]:
-        raise NotImplementedError
-
-    def plots(self, ctx, rows: list[dict]) -> None:
-        """PNG figures into the run folder, where a curve says more than a table."""
-
-
-def labels(ctx) -> list[str]:
-    return [m.label for m in ctx.methods]
 
 
 def ok_rows(rows: list[dict]) -> list[dict]:

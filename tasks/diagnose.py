@@ -16,13 +16,13 @@ import torch
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from lminf_eval.data import load_documents
+from lminf_eval.data import Document, load_documents
 from lminf_eval.errors import UserError
-from lminf_eval.runner import Cell, console
+from lminf_eval.task import Cell, Task, console, register_task
 
-from .base import Task, method_table, ok_rows
+from .base import method_table, ok_rows
 
-BLOCK = 512
+BLOCK = 512  # query rows scored at once: memory O(BLOCK x n)
 SINK_FROM = 64  # queries from this position on count towards the position-0 share (earlier ones see few keys)
 
 
@@ -34,8 +34,8 @@ def bucket_edges(n: int) -> list[int]:
 class Stats:
     """Per layer: max logit per (head, distance bucket) and mean entropy per query position."""
 
-    def __init__(self, layers: set[int], n: int, l_pre: int):
-        self.layers, self.n = layers, n
+    def __init__(self, layers: set[int], n: int, l_pre: int, block: int = BLOCK):
+        self.layers, self.n, self.block = layers, n, block
         self.sink_rows = (SINK_FROM, max(SINK_FROM + 1, min(n, l_pre)))  # inside the training window
         self.nb = len(bucket_edges(n))
         self.max_logit: dict[int, torch.Tensor] = {}
@@ -48,8 +48,8 @@ class Stats:
         top = torch.full((hq, self.nb), -math.inf)
         ent = torch.empty(n)
         sink, (lo, hi) = 0.0, self.sink_rows
-        for s in range(0, n, BLOCK):
-            e = min(n, s + BLOCK)
+        for s in range(0, n, self.block):
+            e = min(n, s + self.block)
             scores = (q[0, :, s:e].float() @ k[0, :, :e].float().transpose(-1, -2)) * scaling  # [h, B, e]
             dist = torch.arange(s, e)[:, None] - torch.arange(e)[None, :]
             causal = dist >= 0
@@ -76,40 +76,45 @@ def make_attention(stats: Stats):
     return attention
 
 
+@register_task
 class Diagnose(Task):
     name = "diagnose"
+    help = "Why vanilla fails past L_pre: max logit vs distance, entropy, hidden-state PCA (paper Fig. 1)."
     default_lengths = "2x"
+    docs: list[Document]
 
-    def layers(self, ctx) -> set[int]:
-        n = ctx.model.config.num_hidden_layers
+    def layers(self) -> set[int]:
+        n = self.ctx.model.config.num_hidden_layers
         return {min(2, n - 1), n // 2, n - 1}
 
-    def prepare(self, ctx) -> None:
+    def prepare(self) -> None:
+        ctx = self.ctx
         if any(m.name != "vanilla" for m in ctx.methods):
             console.print("[yellow]diagnose studies the unmodified model: methods other than vanilla are ignored")
         if ctx.model.config.model_type in ("mpt", "bloom"):
             raise UserError("diagnose reads attention through transformers' registry: use a RoPE model")
         n = max(ctx.lengths)
         # one document: the figures describe a single long read
-        ctx.extra["docs"] = load_documents(ctx.cfg.dataset, ctx.tokenizer, 1, n, n, ctx.cfg.text_field)
+        self.docs = load_documents(ctx.run_config.dataset, ctx.tokenizer, 1, n, n, ctx.run_config.text_field)
 
-    def cells(self, ctx) -> list[Cell]:
-        vanilla = next((m for m in ctx.methods if m.name == "vanilla"), None)
+    def cells(self) -> list[Cell]:
+        vanilla = next((m for m in self.ctx.methods if m.name == "vanilla"), None)
         if vanilla is None:
             raise UserError("diagnose needs --method vanilla")
-        return [Cell({"method": vanilla.label, "doc": d.id}, vanilla, d, len(d.ids)) for d in ctx.extra["docs"]]
+        return [Cell({"method": vanilla.label, "doc": d.id}, vanilla, d, len(d.ids)) for d in self.docs]
 
-    def run_cell(self, ctx, cell) -> dict:
+    def run_cell(self, cell) -> dict:
+        ctx, model = self.ctx, self.ctx.model
         ids = torch.tensor([cell.data.ids], device=ctx.device)
-        stats = Stats(self.layers(ctx), ids.shape[1], ctx.l_pre)
+        stats = Stats(self.layers(), ids.shape[1], ctx.l_pre)
         AttentionInterface.register("lminf_diagnose", make_attention(stats))
-        config = ctx.model.config
-        saved, config._attn_implementation = config._attn_implementation, "lminf_diagnose"
+        saved = model.config._attn_implementation
+        model.set_attn_implementation("lminf_diagnose")
         try:
             with torch.no_grad():
-                out = ctx.model(ids, use_cache=False, output_hidden_states=True, logits_to_keep=1)
+                out = model(ids, use_cache=False, output_hidden_states=True, logits_to_keep=1)
         finally:
-            config._attn_implementation = saved
+            model.set_attn_implementation(saved)
         hidden = out.hidden_states[min(2, len(out.hidden_states) - 1)][0].float()
         centred = hidden - hidden.mean(0)
         _, _, v = torch.pca_lowrank(centred, q=2, center=False)
@@ -123,12 +128,12 @@ class Diagnose(Task):
             "pca": {"positions": keep, "xy": [[round(xy[i][0], 3), round(xy[i][1], 3)] for i in keep]},
         }
 
-    def summarize(self, ctx, rows):
+    def summarize(self, rows):
         rows = ok_rows(rows)
         if not rows:
             return {}, {}
         r = rows[0]
-        edges, n = r["edges"], ctx.l_pre
+        edges, n = r["edges"], self.ctx.l_pre
         marks = [m for m in (n // 2, n, 2 * n, 4 * n, 8 * n) if m <= edges[-1] * 2]
         logit, entropy, sink = {}, {}, {}
         for layer, grid in r["max_logit"].items():
@@ -149,7 +154,8 @@ class Diagnose(Task):
             "diagnose_sink": method_table(sink, layers, [f"on position 0 ({SINK_FROM}..{n})"], index_name="layer"),
         }
 
-    def plots(self, ctx, rows) -> None:
+    def plots(self, rows) -> None:
+        ctx = self.ctx
         import matplotlib
 
         matplotlib.use("Agg")
@@ -185,7 +191,7 @@ class Diagnose(Task):
         axes[2].set(title="(c) layer-2 hidden states, PCA", xlabel="PC1", ylabel="PC2")
         for ax in axes[:2]:
             ax.axvline(ctx.l_pre, color="k", linestyle="--", linewidth=1)
-        fig.suptitle(f"{ctx.cfg.model}: vanilla attention past L_pre = {ctx.l_pre}")
+        fig.suptitle(f"{ctx.run_config.model}: vanilla attention past L_pre = {ctx.l_pre}")
         fig.tight_layout()
         fig.savefig(ctx.run.path / "diagnose.png", dpi=110)
         plt.close(fig)

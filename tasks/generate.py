@@ -4,14 +4,16 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import sacrebleu
 import torch
 from rouge_score import rouge_scorer
 
-from lminf_eval.data import load_documents
-from lminf_eval.runner import Cell
+from lminf_eval.data import Document, load_documents
+from lminf_eval.task import Cell, Task, option, register_task
 
-from .base import Task, greedy, labels, method_table, ok_rows, truncated
+from .base import greedy, method_table, ok_rows, truncated
 
 ROUGE = ("rouge1", "rouge2", "rougeL")
 
@@ -27,31 +29,44 @@ def score(hypotheses: list[str], references: list[str]) -> dict:
     return {"bleu": sacrebleu.corpus_bleu(hypotheses, [references]).score, **{k: 100 * v / n for k, v in rouge.items()}}
 
 
+@dataclass
+class GenerationOptions:
+    new_tokens: int = option(100, "Tokens generated and scored after each position.")
+
+
+@register_task
 class Generation(Task):
     name = "generate"
-    default_n_global = 100
+    help = "BLEU and ROUGE of greedy continuations after long prefixes (paper Table 3)."
+    Options = GenerationOptions
     default_lengths = "0.5x,1x,2x,4x"
+    settings_defaults = {"n_global": 100}  # the paper's generation runs
+    docs: list[Document]
 
-    def new_tokens(self, ctx) -> int:
-        return ctx.cfg.new_tokens or 100
-
-    def prepare(self, ctx) -> None:
-        cfg = ctx.cfg
-        need = max(ctx.lengths) + self.new_tokens(ctx)
-        ctx.extra["docs"] = load_documents(
-            cfg.dataset, ctx.tokenizer, cfg.num_docs, max(cfg.min_tokens or 0, need), need, cfg.text_field, cfg.split
+    def prepare(self) -> None:
+        ctx, run_config = self.ctx, self.ctx.run_config
+        need = max(ctx.lengths) + self.options.new_tokens
+        self.docs = load_documents(
+            run_config.dataset,
+            ctx.tokenizer,
+            run_config.num_docs,
+            max(run_config.min_tokens or 0, need),
+            need,
+            run_config.text_field,
+            run_config.split,
         )
 
-    def cells(self, ctx) -> list[Cell]:
+    def cells(self) -> list[Cell]:
         return [
             Cell({"method": m.label, "doc": d.id, "position": p}, m, d, p)
-            for m in ctx.methods
-            for d in ctx.extra["docs"]
-            for p in ctx.lengths
+            for m in self.ctx.methods
+            for d in self.docs
+            for p in self.ctx.lengths
         ]
 
-    def run_cell(self, ctx, cell) -> dict:
-        p, n = cell.key["position"], self.new_tokens(ctx)
+    def run_cell(self, cell) -> dict:
+        ctx = self.ctx
+        p, n = cell.key["position"], self.options.new_tokens
         ids = cell.data.ids
         prefix = truncated(cell.method, torch.tensor([ids[:p]], device=ctx.device), ctx.l_pre)
         pad = ctx.tokenizer.pad_token_id if ctx.tokenizer.pad_token_id is not None else ctx.tokenizer.eos_token_id
@@ -62,7 +77,8 @@ class Generation(Task):
             "reference": decode(ids[p : p + n], skip_special_tokens=True),
         }
 
-    def summarize(self, ctx, rows):
+    def summarize(self, rows):
+        labels, lengths = self.labels, self.ctx.lengths
         groups: dict = {}
         for r in ok_rows(rows):
             c = r["cell"]
@@ -71,9 +87,9 @@ class Generation(Task):
             groups[c["method"], c["position"]][1].append(r["reference"])
         oom = {(r["cell"]["method"], r["cell"]["position"]) for r in rows if r["status"] == "oom"}
         scores = {key: score(h, ref) for key, (h, ref) in groups.items()}
-        metrics = {m: {str(p): s for (mm, p), s in scores.items() if mm == m} for m in labels(ctx)}
+        metrics = {m: {str(p): s for (mm, p), s in scores.items() if mm == m} for m in labels}
         tables = {
-            metric: method_table({k: v[metric] for k, v in scores.items()}, labels(ctx), ctx.lengths, oom=oom)
+            metric: method_table({k: v[metric] for k, v in scores.items()}, labels, lengths, oom=oom)
             for metric in ("bleu", *ROUGE)
         }
         return metrics, tables

@@ -8,14 +8,15 @@ from __future__ import annotations
 
 import random
 import re
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from lminf_eval.errors import UserError
-from lminf_eval.runner import Cell
+from lminf_eval.task import Cell, Task, option, register_task
 
-from .base import Task, greedy, labels, method_table, ok_rows, truncated
+from .base import greedy, method_table, ok_rows, truncated
 
 PREFIX = (
     "There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
@@ -65,41 +66,53 @@ def first_integer(text: str) -> str | None:
     return match.group(0) if match else None
 
 
+@dataclass
+class PasskeyOptions:
+    depths: str | None = option(None, "Needle depths to sweep, e.g. 0,0.25,0.5,0.75,1 (default: uniform random).")
+    num_samples: int = option(4, "Prompts per length (and depth).")
+    distractors: int = option(0, "Decoy needles with other names and numbers.")
+    new_tokens: int = option(10, "Tokens generated for the answer.")
+
+
+@register_task
 class Passkey(Task):
     name = "passkey"
-    default_n_global = 10
+    help = "Passkey retrieval with optional distractors, over lengths and needle depths (paper Table 2)."
+    Options = PasskeyOptions
     default_lengths = "1x,1.5x,2x"
+    settings_defaults = {"n_global": 10}  # the paper's passkey runs
+    depths: list[float | None]
 
-    def prepare(self, ctx) -> None:
-        cfg = ctx.cfg
-        if cfg.distractors < 0 or cfg.distractors >= len(NAMES):
+    def prepare(self) -> None:
+        options = self.options
+        if options.distractors < 0 or options.distractors >= len(NAMES):
             raise UserError(f"--distractors must be between 0 and {len(NAMES) - 1}")
         try:
-            ctx.extra["depths"] = [float(d) for d in cfg.depths.split(",")] if cfg.depths else [None]
+            self.depths = [float(d) for d in options.depths.split(",")] if options.depths else [None]
         except ValueError:
-            raise UserError(f"cannot parse --depths {cfg.depths!r}: use fractions like 0,0.25,0.5,0.75,1") from None
-        if any(d is not None and not 0 <= d <= 1 for d in ctx.extra["depths"]):
+            raise UserError(f"cannot parse --depths {options.depths!r}: use fractions like 0,0.25,0.5,0.75,1") from None
+        if any(d is not None and not 0 <= d <= 1 for d in self.depths):
             raise UserError("--depths must lie between 0 and 1")
 
-    def cells(self, ctx) -> list[Cell]:
+    def cells(self) -> list[Cell]:
         cells = []
-        for m in ctx.methods:
-            for length in ctx.lengths:
-                for depth in ctx.extra["depths"]:
-                    for i in range(ctx.cfg.num_samples):
+        for m in self.ctx.methods:
+            for length in self.ctx.lengths:
+                for depth in self.depths:
+                    for i in range(self.options.num_samples):
                         key = {"method": m.label, "length": length, "depth": depth, "sample": i}
                         cells.append(Cell(key, m, None, length))
         return cells
 
-    def run_cell(self, ctx, cell) -> dict:
-        k = cell.key
+    def run_cell(self, cell) -> dict:
+        ctx, k = self.ctx, cell.key
         # the prompt depends on (seed, length, depth, sample) only, so every method sees the same one
-        rng = random.Random(f"{ctx.cfg.seed}-{k['length']}-{k['depth']}-{k['sample']}")
+        rng = random.Random(f"{ctx.run_config.seed}-{k['length']}-{k['depth']}-{k['sample']}")
         depth = k["depth"] if k["depth"] is not None else rng.random()
-        ids, key = make_prompt(ctx.tokenizer, k["length"], depth, rng, ctx.cfg.distractors)
+        ids, key = make_prompt(ctx.tokenizer, k["length"], depth, rng, self.options.distractors)
         prompt = truncated(cell.method, torch.tensor([ids], device=ctx.device), ctx.l_pre)
         pad = ctx.tokenizer.pad_token_id if ctx.tokenizer.pad_token_id is not None else ctx.tokenizer.eos_token_id
-        out = greedy(ctx.model, prompt, ctx.cfg.new_tokens or 10, pad)
+        out = greedy(ctx.model, prompt, self.options.new_tokens, pad)
         answer = ctx.tokenizer.decode(out, skip_special_tokens=True)
         return {
             "prompt_tokens": len(ids),
@@ -109,7 +122,8 @@ class Passkey(Task):
             "correct": first_integer(answer) == key,
         }
 
-    def summarize(self, ctx, rows):
+    def summarize(self, rows):
+        ctx, labels = self.ctx, self.labels
         acc, by_depth, counts = {}, {}, {}
         oom = {(r["cell"]["method"], r["cell"]["length"]) for r in rows if r["status"] == "oom"}
         for r in ok_rows(rows):
@@ -119,26 +133,26 @@ class Passkey(Task):
             counts.setdefault((c["method"], c["length"], d), []).append(r["correct"])
         for key, vals in counts.items():
             (acc if len(key) == 2 else by_depth)[key] = 100.0 * sum(vals) / len(vals)
-        table = method_table(acc, labels(ctx), ctx.lengths, oom=oom)
+        table = method_table(acc, labels, ctx.lengths, oom=oom)
         table["avg"] = table.apply(lambda row: np.nanmean([v for v in row if isinstance(v, float)] or [np.nan]), axis=1)
         metrics = {m.label: {str(L): acc.get((m.label, L)) for L in ctx.lengths} for m in ctx.methods}
         tables = {"passkey_accuracy": table}
         depths = sorted({k[2] for k in by_depth}, key=str)
         if len(depths) > 1:  # one row per (method, depth): the heatmaps as a table
-            rows_d = [f"{m} @ {d}" for m in labels(ctx) for d in depths]
+            rows_d = [f"{m} @ {d}" for m in labels for d in depths]
             values = {(f"{m} @ {d}", L): v for (m, L, d), v in by_depth.items()}
             tables["passkey_by_depth"] = method_table(values, rows_d, ctx.lengths, index_name="method @ depth")
-            for m in labels(ctx):
+            for m in labels:
                 metrics[m]["by_depth"] = {f"{d}@{L}": by_depth.get((m, L, d)) for d in depths for L in ctx.lengths}
         return metrics, tables
 
-    def plots(self, ctx, rows) -> None:
+    def plots(self, rows) -> None:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        depths = ctx.extra.get("depths", [None])
+        ctx, depths = self.ctx, self.depths
         if len(depths) < 2:
             return
         for m in ctx.methods:
@@ -148,7 +162,7 @@ class Passkey(Task):
                 if c["method"] == m.label:
                     i, j = depths.index(c["depth"]), ctx.lengths.index(c["length"])
                     grid[i, j] = (0 if np.isnan(grid[i, j]) else grid[i, j]) + r["correct"]
-            grid = 100 * grid / ctx.cfg.num_samples
+            grid = 100 * grid / self.options.num_samples
             fig, ax = plt.subplots(figsize=(1.2 * len(ctx.lengths) + 2, 0.6 * len(depths) + 1.5))
             im = ax.imshow(grid, vmin=0, vmax=100, cmap="RdYlGn", aspect="auto")
             ax.set_xticks(range(len(ctx.lengths)), [str(L) for L in ctx.lengths])

@@ -17,7 +17,7 @@ import torch
 from lminf_eval.tasks import ppl as ppl_task
 from lminf_eval.tasks.generate import score
 from lminf_eval.tasks.passkey import first_integer, make_prompt
-from lminf_eval.tasks.ppl import Perplexity
+from lminf_eval.tasks.ppl import Perplexity, PerplexityOptions
 from typer.testing import CliRunner
 
 from lminf_eval.cli import app
@@ -66,7 +66,7 @@ def test_ppl_end_to_end(tiny, tmp_path):
 
 
 def test_ppl_stream_keeps_memory_flat(tiny, tmp_path):
-    res = run(tiny, "ppl", "--stream-tokens", "4000", "--chunk-size", "64", "--method", "lm-infinite", out=tmp_path)
+    res = run(tiny, "stream", "--stream-tokens", "4000", "--chunk-size", "64", "--method", "lm-infinite", out=tmp_path)
     assert res.exit_code == 0, res.output
     results, samples = load(tmp_path)
     (row,) = samples
@@ -137,15 +137,14 @@ def test_diagnose_end_to_end(tiny, tmp_path):
     assert ((sink >= 0) & (sink <= 1)).all()
 
 
-def test_diagnose_sink_share_equals_dense_softmax(monkeypatch):
+def test_diagnose_sink_share_equals_dense_softmax():
     """The blockwise position-0 share against one dense causal softmax, across block boundaries."""
     from lminf_eval.tasks import diagnose
 
-    monkeypatch.setattr(diagnose, "BLOCK", 70)
     gen = torch.Generator().manual_seed(0)
     q, k = torch.randn(1, 4, 300, 8, generator=gen), torch.randn(1, 2, 300, 8, generator=gen)
     k[:, :, 0] *= 4  # a strong first key, so the share is far from uniform
-    stats = diagnose.Stats({0}, 300, l_pre=200)
+    stats = diagnose.Stats({0}, 300, l_pre=200, block=70)
     stats.observe(0, q, k, 0.5)
     scores = (q @ k.repeat_interleave(2, 1).transpose(-1, -2)) * 0.5
     p = scores.masked_fill(torch.ones(300, 300, dtype=torch.bool).triu(1), -math.inf).softmax(-1)
@@ -175,11 +174,11 @@ def test_resume_after_interrupt(tiny, tmp_path, monkeypatch):
     calls = []
     original = Perplexity.run_cell
 
-    def interrupted(self, ctx, cell):
+    def interrupted(self, cell):
         calls.append(cell.key)
         if len(calls) == 3:
             raise KeyboardInterrupt
-        return original(self, ctx, cell)
+        return original(self, cell)
 
     monkeypatch.setattr(Perplexity, "run_cell", interrupted)
     res = run(tiny, "ppl", "--lengths", "1x,2x", "--num-docs", "2", out=tmp_path)
@@ -217,14 +216,15 @@ def test_oom_cell_is_recorded_and_run_goes_on(tiny, tmp_path, monkeypatch):
 
 
 def test_nll_buckets_by_hand():
-    task = Perplexity()
     methods = parse_methods(["vanilla"])
-    ctx = SimpleNamespace(lengths=[4, 8], l_pre=8, methods=methods, extra={}, cfg=SimpleNamespace(bucket_size=2))
+    options = PerplexityOptions(bucket_size=2)
+    run_config = SimpleNamespace(options=options)
+    task = Perplexity(SimpleNamespace(lengths=[4, 8], l_pre=8, methods=methods, run_config=run_config))
     rows = [  # nll[k] is the NLL of target position k + 1
         {"cell": {"method": "vanilla", "doc": "a"}, "status": "ok", "nll": [1, 2, 3, 4, 5, 6, 7]},
         {"cell": {"method": "vanilla", "doc": "b"}, "status": "ok", "nll": [3, 3, 5, 6]},
     ]
-    metrics, tables = task.summarize(ctx, rows)
+    metrics, tables = task.summarize(rows)
     # at 4: targets 2,3 -> a: 2,3  b: 3,5 -> mean 3.25 ; at 8: targets 6,7 -> a only: 6,7 -> 6.5
     assert metrics["vanilla"]["4"]["nll"] == pytest.approx(3.25)
     assert metrics["vanilla"]["8"] == {"ppl": pytest.approx(math.exp(6.5)), "nll": 6.5, "docs": 1}

@@ -1,0 +1,112 @@
+"""What a task is, as the runner and the CLI see it: a registered, typed plug-in (lm-eval's `register_task` is
+the model). The built-in tasks live in the top-level `tasks/` folder; third-party packages add theirs through
+the `lminf_eval.tasks` entry point group (each entry point names a module or a `Task` subclass).
+
+A task declares its command name, help, default lengths, the LM-Infinite settings its paper runs use, and its
+own flags as an `Options` dataclass (`option(default, help)` fields) beside its code; the CLI builds its
+command from these. The runner makes one task object per run and calls prepare -> cells -> run_cell (per
+cell, written as it finishes) -> summarize -> plots.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from importlib.metadata import entry_points
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import pandas as pd
+import torch
+from rich.console import Console
+
+if TYPE_CHECKING:
+    from .config import RunConfig
+    from .methods import Method
+    from .results import RunDir
+    from .settings import Settings
+
+console = Console(stderr=True)
+
+
+def option(default: Any, help: str) -> Any:
+    """A task flag: its default and its help line, declared on the task's `Options` dataclass."""
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class NoOptions:
+    """A task without flags of its own."""
+
+
+@dataclass
+class Cell:
+    key: dict  # what identifies the result (method label, document, length, ...), JSON-serialisable
+    method: Method
+    data: Any = None  # whatever the task needs to run it
+    tokens: int = 0  # for the tokens/s readout
+
+
+@dataclass
+class Context:
+    """One run: its configuration, the loaded model, the resolved lengths and methods, the results folder."""
+
+    run_config: RunConfig
+    model: Any
+    tokenizer: Any
+    device: torch.device
+    l_pre: int
+    lengths: list[int]
+    methods: list[Method]
+    settings: dict[str, Settings | None]  # method label -> its resolved LM-Infinite settings (None: unpatched)
+    run: RunDir
+
+
+class Task:
+    name: ClassVar[str] = ""
+    help: ClassVar[str] = ""
+    Options: ClassVar[type] = NoOptions
+    default_lengths: ClassVar[str] = "0.5x,1x,2x,4x,8x,16x,32x"
+    settings_defaults: ClassVar[dict] = {}  # LM-Infinite settings the paper used for this task (e.g. n_global)
+
+    def __init__(self, ctx: Context):
+        self.ctx = ctx
+        self.options = ctx.run_config.options
+
+    @property
+    def labels(self) -> list[str]:
+        return [m.label for m in self.ctx.methods]
+
+    def prepare(self) -> None:
+        """Load data, validate options; called once before cells are listed."""
+
+    def cells(self) -> list[Cell]:
+        raise NotImplementedError
+
+    def run_cell(self, cell: Cell) -> dict:
+        raise NotImplementedError
+
+    def summarize(self, rows: list[dict]) -> tuple[dict, dict[str, pd.DataFrame]]:
+        raise NotImplementedError
+
+    def plots(self, rows: list[dict]) -> None:
+        """PNG figures into the run folder, where a curve says more than a table."""
+
+
+TASKS: dict[str, type[Task]] = {}
+
+
+def register_task(cls: type[Task]) -> type[Task]:
+    """Class decorator: make `cls` a command (`lminf-eval NAME`) and a step that profiles can run."""
+    if not cls.name:
+        raise ValueError(f"{cls.__name__} has no name")
+    TASKS[cls.name] = cls
+    return cls
+
+
+def load_plugins() -> None:
+    """Register tasks from installed packages' `lminf_eval.tasks` entry points."""
+    for ep in entry_points(group="lminf_eval.tasks"):
+        loaded = ep.load()
+        if isinstance(loaded, type) and issubclass(loaded, Task):
+            register_task(loaded)

@@ -1,0 +1,132 @@
+"""Perplexity on one unbounded stream (the paper's extreme-length run): documents concatenated into a stream
+of `--stream-tokens` tokens, read chunk by chunk through the bounded cache; NLL per window of the stream and
+resident memory as it goes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import psutil
+import torch
+
+from lminf_eval.data import load_documents
+from lminf_eval.errors import UserError
+from lminf_eval.task import Cell, Task, option, register_task
+
+from .base import method_table, ok_rows
+
+
+def stream_nll(model, ids: torch.Tensor, chunk: int, report_every: int) -> dict:
+    """Read `ids` chunk by chunk through the model's cache (LM-Infinite: bounded); NLL per window of
+    `report_every` tokens, and resident memory as it goes."""
+    cache, carry = None, None
+    proc = psutil.Process()
+    sums, counts, rss = [], [], []
+    total = 0.0
+    with torch.no_grad():
+        for s in range(0, ids.shape[1], chunk):
+            piece = ids[:, s : s + chunk]
+            out = model(piece, cache=cache, use_cache=True)
+            cache = out.cache
+            logp = torch.log_softmax(out.logits.float(), dim=-1)
+            nll = -logp[:, :-1].gather(-1, piece[:, 1:, None])[0, :, 0]
+            if carry is not None:
+                nll = torch.cat((-carry[0, piece[0, 0]].reshape(1), nll))
+            carry = logp[:, -1]
+            first = s if s else 1
+            for pos, value in zip(range(first, first + nll.numel()), nll.tolist(), strict=True):
+                window = pos // report_every
+                while len(sums) <= window:
+                    sums.append(0.0)
+                    counts.append(0)
+                sums[window] += value
+                counts[window] += 1
+                total += value
+            rss.append([s + piece.shape[1], proc.memory_info().rss / 2**20])
+    return {
+        "window_tokens": report_every,
+        "window_nll": [round(a / max(c, 1), 4) for a, c in zip(sums, counts, strict=True)],
+        "mean_nll": total / max(1, ids.shape[1] - 1),
+        "rss_mb": [[t, round(m, 1)] for t, m in rss],
+        "cache_slots": cache.layers[0].used if hasattr(cache.layers[0], "used") else None,
+    }
+
+
+@dataclass
+class StreamOptions:
+    stream_tokens: int = option(100_000, "Tokens in the stream (documents cycled if the corpus is shorter).")
+    chunk_size: int | None = option(None, "Tokens per forward (default: L_pre).")
+
+
+@register_task
+class Stream(Task):
+    name = "stream"
+    help = "Perplexity and memory along one long stream read chunk by chunk through the bounded cache."
+    Options = StreamOptions
+    default_lengths = "1x"  # (unused: the stream's length is --stream-tokens)
+    settings_defaults = {"n_global": 10}  # the paper's streams
+    stream: torch.Tensor
+
+    def prepare(self) -> None:
+        ctx, run_config = self.ctx, self.ctx.run_config
+        for m in ctx.methods:
+            settings = ctx.settings[m.label]
+            if settings is None or not settings.bounded:
+                raise UserError(f"stream needs a bounded method (lm-infinite, window, lambda-only), not {m.label!r}")
+        if self.options.stream_tokens < 2:
+            raise UserError("--stream-tokens must be at least 2")
+        docs = load_documents(
+            run_config.dataset, ctx.tokenizer, 10**9, 2, 10**9, run_config.text_field, run_config.split
+        )
+        stream: list[int] = []
+        while len(stream) < self.options.stream_tokens:  # cycle through the corpus if it is shorter
+            for d in docs:
+                stream.extend(d.ids)
+        self.stream = torch.tensor([stream[: self.options.stream_tokens]], device=ctx.device)
+
+    def cells(self) -> list[Cell]:
+        n = self.stream.shape[1]
+        return [Cell({"method": m.label, "stream": n}, m, None, n) for m in self.ctx.methods]
+
+    def run_cell(self, cell) -> dict:
+        chunk = self.options.chunk_size or self.ctx.l_pre
+        every = max(chunk, self.stream.shape[1] // 50)
+        return stream_nll(self.ctx.model, self.stream, chunk, every)
+
+    def summarize(self, rows):
+        metrics, nll, rss = {}, {}, {}
+        n = self.stream.shape[1]
+        marks = sorted({m for m in (100_000, 1_000_000, n) if m <= n})
+        for r in ok_rows(rows):
+            label = r["cell"]["method"]
+            metrics[label] = {k: r[k] for k in ("window_tokens", "window_nll", "mean_nll", "rss_mb", "cache_slots")}
+            w = r["window_nll"]
+            for frac in (0.1, 0.5, 1.0):
+                nll[label, f"NLL @{frac:.0%}"] = w[max(0, int(len(w) * frac) - 1)]
+            for mark in marks:
+                at = [m for t, m in r["rss_mb"] if t <= mark]
+                rss[label, f"RSS MB @{mark:,}"] = at[-1] if at else float("nan")
+        cols_n = ["NLL @10%", "NLL @50%", "NLL @100%"]
+        cols_r = [f"RSS MB @{m:,}" for m in marks]
+        return metrics, {
+            "stream_nll": method_table(nll, self.labels, cols_n),
+            "stream_rss": method_table(rss, self.labels, cols_r),
+        }
+
+    def plots(self, rows) -> None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(8, 4.5))
+        for r in ok_rows(rows):
+            w = r["window_nll"]
+            ax.plot([(i + 1) * r["window_tokens"] for i in range(len(w))], w, label=r["cell"]["method"])
+        ax.set_xlabel("tokens into the stream")
+        ax.set_ylabel("mean NLL per window")
+        ax.set_title(f"{self.ctx.run_config.model} on {self.ctx.run_config.dataset}")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(self.ctx.run.path / "stream_nll.png", dpi=120)
+        plt.close(fig)
