@@ -26,7 +26,7 @@ lint: setup
 
 ## demo: the main job on the shipped default (tiny-rope on arxiv-sample, vanilla vs LM-Infinite, 0.5x-32x)
 demo: setup
-	$(VENV)/bin/lminf-eval ppl
+	$(VENV)/bin/lminf-eval ppl --config configs/demo.yaml
 
 ## reproduce: the paper's tables at CPU scale into results/paper/ (PROFILE=quick|default|paper)
 reproduce: setup

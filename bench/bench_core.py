@@ -77,19 +77,19 @@ def filled_cache(model, method: str, n: int):
 
     from lminf_eval import LMInfiniteCache
 
-    cfg = model.config
-    heads, dim = cfg.num_key_value_heads, cfg.hidden_size // cfg.num_attention_heads
+    config = model.config
+    heads, dim = config.num_key_value_heads, config.hidden_size // config.num_attention_heads
     if method == "vanilla":
-        cache = DynamicCache(config=cfg)
-        for layer in range(cfg.num_hidden_layers):
+        cache = DynamicCache(config=config)
+        for layer in range(config.num_hidden_layers):
             cache.update(torch.randn(1, heads, n, dim), torch.randn(1, heads, n, dim), layer)
         return cache
     s = model.lm_infinite.settings
-    cache = LMInfiniteCache(cfg.num_hidden_layers, s.n_global, s.n_local)
+    cache = LMInfiniteCache(config.num_hidden_layers, s.n_global, s.n_local)
     for start in range(0, n, 4096):  # the same begin/update/end sequence a chunked prefill performs
         m = min(4096, n - start)
         cache.begin(None, 1, m, "cpu")
-        for layer in range(cfg.num_hidden_layers):
+        for layer in range(config.num_hidden_layers):
             cache.update(torch.randn(1, heads, m, dim), torch.randn(1, heads, m, dim), layer)
         cache.end()
     return cache
@@ -115,12 +115,12 @@ def kernel_cell(method: str, n: int, queue, repeats: int = 3) -> None:
     from lminf_eval.patch import position_encoding, pretraining_length
 
     model = load("vanilla")  # its shapes, rotary frequencies and pretraining length
-    cfg = model.config
-    settings = Settings.resolve(pretraining_length(cfg), n_global=10)
-    w, g, d = settings.n_local, settings.n_global, cfg.head_dim
+    config = model.config
+    settings = Settings.resolve(pretraining_length(config), n_global=10)
+    w, g, d = settings.n_local, settings.n_global, config.head_dim
     torch.manual_seed(0)
-    q = torch.randn(1, cfg.num_attention_heads, n, d)
-    k, v = torch.randn(1, cfg.num_key_value_heads, n, d), torch.randn(1, cfg.num_key_value_heads, n, d)
+    q = torch.randn(1, config.num_attention_heads, n, d)
+    k, v = torch.randn(1, config.num_key_value_heads, n, d), torch.randn(1, config.num_key_value_heads, n, d)
     if method == "vanilla":
         F.scaled_dot_product_attention(q[:, :, :512], k[:, :, :512], v[:, :, :512], is_causal=True, enable_gqa=True)
 
@@ -148,7 +148,7 @@ def kernel_cell(method: str, n: int, queue, repeats: int = 3) -> None:
             "method": method,
             "n": n,
             "seconds": seconds,
-            "gpairs_per_s": cfg.num_attention_heads * pairs / seconds / 1e9,
+            "gpairs_per_s": config.num_attention_heads * pairs / seconds / 1e9,
         }
     )
 
@@ -235,11 +235,15 @@ def main() -> None:
             results.append(run(cached_prefill_cell, method, n))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    from lminf_eval.results import git_hash, versions
+
     meta = {
         "command": " ".join(["python"] + sys.argv),
         "machine": platform.platform(),
         "cpus": torch.get_num_threads(),
         "torch": torch.__version__,
+        "versions": versions(),
+        "git": git_hash(),
         "model": MODEL,
     }
     (out / "core.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1))

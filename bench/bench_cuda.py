@@ -25,6 +25,7 @@ import torch.nn.functional as F
 import lminf_eval
 from lminf_eval.measure import decode_times
 from lminf_eval.patch import position_encoding
+from lminf_eval.results import git_hash, versions
 
 GIB = 1 << 30
 PROFILE = False  # --profile: print where the LM-Infinite kernel call spends its GPU time
@@ -174,6 +175,8 @@ def main() -> None:
         "device": torch.cuda.get_device_name(),
         "machine": platform.platform(),
         "torch": torch.__version__,
+        "versions": versions(),
+        "git": git_hash(),
         "model": f"Llama-2-7B shape, {args.layers} layers, random bf16 weights",
     }
     out = Path(args.out)

@@ -153,9 +153,12 @@ def _strip_none(kind):
 
 
 def register_commands() -> None:
+    """A command for every registered task (built-in and from entry points) that has none yet."""
     load_plugins()
+    have = {c.name for c in app.registered_commands}
     for task_type in TASKS.values():
-        app.command(task_type.name, help=task_type.help)(_command(task_type))
+        if task_type.name not in have:
+            app.command(task_type.name, help=task_type.help)(_command(task_type))
 
 
 @app.command("report")

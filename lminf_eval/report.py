@@ -23,12 +23,12 @@ def build_report(paths: list[Path]) -> str:
     groups: dict[tuple, list[pd.DataFrame]] = {}
     for path in paths:
         run = load_run(path)
-        cfg = run["config"]
+        config = run["config"]
         for name, split in run.get("tables", {}).items():
             df = pd.DataFrame(split["data"], index=split["index"], columns=split["columns"])
-            df.index = [f"{cfg['model']} {label}" if len(paths) > 1 else label for label in df.index]
+            df.index = [f"{config['model']} {label}" if len(paths) > 1 else label for label in df.index]
             df.index.name = "method"
-            groups.setdefault((run["command"], cfg["dataset"], name), []).append(df)
+            groups.setdefault((run["command"], config["dataset"], name), []).append(df)
     if not groups:
         raise UserError("no tables found in the given results folders")
     parts = []

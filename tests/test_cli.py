@@ -15,6 +15,7 @@ import pandas as pd
 import pytest
 import torch
 from lminf_eval.tasks import ppl as ppl_task
+from lminf_eval.tasks.base import method_table
 from lminf_eval.tasks.generate import score
 from lminf_eval.tasks.passkey import first_integer, make_prompt
 from lminf_eval.tasks.ppl import Perplexity, PerplexityOptions
@@ -55,6 +56,9 @@ def test_ppl_end_to_end(tiny, tmp_path):
     assert results["status"] == "complete" and results["command"] == "ppl"
     assert {"config", "versions", "git", "device", "wall_seconds", "metrics", "tables"} <= results.keys()
     assert results["config"]["model"] == str(tiny.model) and results["resolved"]["lengths"] == [32, 64, 256]
+    assert results["argv"][:2] == ["lminf-eval", "ppl"] and results["argv"][-2:] == ["--n-global", "4"]
+    settings = [m["settings"] for m in results["resolved"]["methods"]]
+    assert settings[0] is None and settings[1]["n_global"] == 4 and settings[1]["n_local"] == 32
     assert len(samples) == 4 and all(len(s["nll"]) == s["tokens"] - 1 == 255 for s in samples)
     table = pd.read_csv(tmp_path / "ppl.csv", index_col=0)
     assert list(table.index) == ["vanilla", "lm-infinite"] and list(table.columns) == ["32", "64", "256", "overall"]
@@ -374,3 +378,50 @@ def test_accelerate_two_processes_split_and_merge(tiny, tmp_path):
         pd.read_csv(tmp_path / "one" / "ppl.csv", index_col=0),
         rtol=1e-5,
     )
+
+
+def test_help_shows_each_commands_resolved_defaults():
+    """Defaults live once (settings, RunConfig, task options); help text shows what applies to each command."""
+    for command, n_global, lengths in (("ppl", 100, "0.5x,1x,2x"), ("passkey", 10, "1x,1.5x,2x"), ("stream", 10, "")):
+        res = runner.invoke(app, [command, "--help"], env={"COLUMNS": "400"})
+        assert res.exit_code == 0
+        line = next(x for x in res.output.splitlines() if "--n-global" in x)
+        assert f"(default: {n_global})" in line, line
+        assert lengths in next(x for x in res.output.splitlines() if "--lengths" in x)
+    res = runner.invoke(app, ["generate", "--help"], env={"COLUMNS": "400"})
+    assert "(default: 100)" in next(x for x in res.output.splitlines() if "--new-tokens" in x)
+
+
+def test_third_party_task_from_an_entry_point(tiny, tmp_path, monkeypatch):
+    """A task registered through the `lminf_eval.tasks` entry point group becomes a command that runs."""
+    from dataclasses import dataclass
+
+    from lminf_eval import cli, task
+
+    @dataclass
+    class CountOptions:
+        scale: int = task.option(2, "Multiplier.")
+
+    class CountTokens(task.Task):
+        name = "count-tokens"
+        help = "Tokens per document, times --scale."
+        Options = CountOptions
+
+        def cells(self):
+            return [task.Cell({"method": m.label, "length": n}, m) for m in self.ctx.methods for n in self.ctx.lengths]
+
+        def run_cell(self, cell):
+            return {"value": cell.key["length"] * self.options.scale}
+
+        def summarize(self, rows):
+            values = {(r["cell"]["method"], r["cell"]["length"]): r["value"] for r in rows}
+            return {}, {"counts": method_table(values, self.labels, self.ctx.lengths)}
+
+    entry = SimpleNamespace(load=lambda: CountTokens)
+    monkeypatch.setattr(task, "entry_points", lambda group: [entry] if group == "lminf_eval.tasks" else [])
+    monkeypatch.setitem(task.TASKS, "count-tokens", CountTokens)  # (gone again after the test)
+    cli.register_commands()
+    res = run(tiny, "count-tokens", "--lengths", "1x,2x", "--scale", "3", out=tmp_path)
+    assert res.exit_code == 0, res.output
+    counts = pd.read_csv(tmp_path / "counts.csv", index_col=0)
+    assert counts.loc["lm-infinite"].tolist() == [96, 192]

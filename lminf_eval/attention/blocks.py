@@ -87,7 +87,7 @@ def _band(plan: Plan, head: int, q_lo: int, q_hi: int, settings: Settings, posit
     """Key slots (a, m, q_lo) when the local window of queries [q_lo, q_hi) is a plain band: every slot from a
     on is a real, non-global token, contiguous with the next, never past the ceiling, so visibility depends
     on distance alone. None where that does not hold (padding or gaps in the window, the window reaching
-    into the head slots, ALiBi, a ceiling inside the window, single-query decode steps)."""
+    into the global slots, ALiBi, a ceiling inside the window, single-query decode steps)."""
     n, w = q_hi - q_lo, settings.n_local
     if not isinstance(position, Rope) or n < 2 or settings.limit_distance < w:
         return None
@@ -110,12 +110,12 @@ def _layout(plan: Plan, first: int, s: int, e: int, settings: Settings, position
     """Split the keys of query block [s, e) (key slots first+s .. first+e-1) and build its masks."""
     head = min(plan.global_slots, first + e)
     q_lo, q_hi = first + s, first + e
-    w, limit = settings.n_local, settings.limit_distance
+    w, limit_distance = settings.n_local, settings.limit_distance
     band, mid = _band(plan, head, q_lo, q_hi, settings, position) if band else None, None
     if band is not None:
         keys = torch.arange(min(head, band[0]))
     else:
-        near = min(w, limit)  # distances below both: visible with the ordinary score
+        near = min(w, limit_distance)  # distances below both: visible with the ordinary score
         lo = max(head, q_lo - int(w) + 1) if math.isfinite(w) else head  # oldest key any query may see locally
         m0 = max(q_hi - int(near), 0) if math.isfinite(near) else 0  # oldest key near to the block's last query
         if isinstance(position, Rope) and (m0 >= head or m0 == 0) and q_lo - m0 >= max(1, (e - s) // 2):
@@ -133,16 +133,16 @@ def _layout(plan: Plan, first: int, s: int, e: int, settings: Settings, position
     seen = visible(dist, ki[:, None, :], kv[:, None, :], settings.n_global, w)
     if isinstance(position, Alibi):
         slopes = position.slopes.to(dist.device).view(1, -1, 1, 1)
-        bias = alibi_bias(slopes, dist[:, None], limit).masked_fill_(~seen[:, None], -math.inf)
+        bias = alibi_bias(slopes, dist[:, None], limit_distance).masked_fill_(~seen[:, None], -math.inf)
         return Layout(None, None, keys, bias.to(dtype))
     lay = Layout(band, mid, keys, bias=None)
-    if math.isfinite(limit):
-        far_pairs = seen & is_far(dist, limit)
+    if math.isfinite(limit_distance):
+        far_pairs = seen & is_far(dist, limit_distance)
         cols = far_pairs.any(1).any(0).nonzero().squeeze(1)
         if cols.numel():
             lay.far, lay.far_visible = keys[cols], far_pairs[:, None, None, :, cols]
             seen[:, :, cols] &= ~far_pairs[:, :, cols]
-            lay.q_turn = position.rotation(limit - qi, dtype)
+            lay.q_turn = position.rotation(limit_distance - qi, dtype)
             lay.k_turn = position.rotation(-ki[:, cols], dtype)
     if bool(seen.any()) or (band is None and mid is None and lay.far is None):  # (a part for padding rows)
         lay.bias = seen[:, None]

@@ -2,7 +2,7 @@
 
 Two calls over all key slots, merged by log-sum-exp: the near pairs (visible, distance below the ceiling)
 with the model's own q·k, and the far pairs (visible, at or past the ceiling) with the query re-rotated to L
-and the key rotated back to 0 (RoPE; with w <= L only the head slots can be far, so that call is small).
+and the key rotated back to 0 (RoPE; with w <= L only the global slots can be far, so that call is small).
 ALiBi needs one call, the clamped distance going in as a score_mod. The block masks depend only on the plan:
 they are built once per forward and shared by all layers (`Plan.memo`). On CUDA both flex_attention and
 create_block_mask are compiled (fused, block-sparse, never n x n); elsewhere they run eagerly, which
@@ -22,7 +22,7 @@ from .merge import merge
 from .plan import Plan, alibi_bias, is_far, visible
 from .positions import Alibi, Rope
 
-BIG = 1 << 40  # stands in for an infinite window or ceiling in integer comparisons
+NO_LIMIT = 1 << 40  # stands in for an infinite window or ceiling in integer comparisons
 
 
 @cache
@@ -44,21 +44,21 @@ def flex_attention_lambda(query, key, value, plan: Plan, settings: Settings, pos
     if key.shape[1] == 1:  # one K/V head (MQA) viewed in the cache: inductor found no flex kernel for its
         key, value = key.contiguous(), value.contiguous()  # stride (torch 2.11, H200); a compact copy
     n_k = key.shape[2]
-    w = int(settings.n_local) if math.isfinite(settings.n_local) else BIG
-    limit = int(settings.limit_distance) if math.isfinite(settings.limit_distance) else BIG
-    q_idx, k_idx, k_valid, g = plan.q_idx, plan.k_idx, plan.k_valid, settings.n_global
-    rope_far = isinstance(position, Rope) and limit < BIG
+    n_local = int(settings.n_local) if math.isfinite(settings.n_local) else NO_LIMIT
+    limit_distance = int(settings.limit_distance) if math.isfinite(settings.limit_distance) else NO_LIMIT
+    q_idx, k_idx, k_valid, n_global = plan.q_idx, plan.k_idx, plan.k_valid, settings.n_global
+    rope_far = isinstance(position, Rope) and limit_distance < NO_LIMIT
 
     def seen(bi, h, q, k):
-        return visible(q_idx[bi, q] - k_idx[bi, k], k_idx[bi, k], k_valid[bi, k], g, w)
+        return visible(q_idx[bi, q] - k_idx[bi, k], k_idx[bi, k], k_valid[bi, k], n_global, n_local)
 
     def near(bi, h, q, k):
-        return seen(bi, h, q, k) & ~is_far(q_idx[bi, q] - k_idx[bi, k], limit)
+        return seen(bi, h, q, k) & ~is_far(q_idx[bi, q] - k_idx[bi, k], limit_distance)
 
     def far(bi, h, q, k):
-        return seen(bi, h, q, k) & is_far(q_idx[bi, q] - k_idx[bi, k], limit)
+        return seen(bi, h, q, k) & is_far(q_idx[bi, q] - k_idx[bi, k], limit_distance)
 
-    n_far = plan.global_slots if w <= limit else n_k  # far keys live in the global slots when w <= L
+    n_far = plan.global_slots if n_local <= limit_distance else n_k  # far keys live in the global slots when w <= L
     memo_key = ("flex", n_q, n_k, query.device)
     masks = plan.memo.get(memo_key)
     if masks is None:
@@ -66,20 +66,20 @@ def flex_attention_lambda(query, key, value, plan: Plan, settings: Settings, pos
             block_mask(near if rope_far else seen, b, None, n_q, n_k, device=query.device),
             block_mask(far, b, None, n_q, n_far, device=query.device) if rope_far and n_far else None,
         )
-        plan.memo[memo_key] = masks
+        plan.remember(memo_key, masks, 0)  # (block masks are O(n^2 / 128^2): not counted)
     score_mod = None
     if isinstance(position, Alibi):
         slopes = position.slopes.to(query.device, torch.float32)
 
         def score_mod(score, bi, h, q, k):
-            return score + alibi_bias(slopes[h], q_idx[bi, q] - k_idx[bi, k], limit)
+            return score + alibi_bias(slopes[h], q_idx[bi, q] - k_idx[bi, k], limit_distance)
 
     out, aux = attend(
         query, key, value, score_mod, masks[0], scale=scaling, enable_gqa=True, return_aux=AuxRequest(lse=True)
     )
     if masks[1] is None:
         return out
-    q_far = position.rotate(query, limit - q_idx)
+    q_far = position.rotate(query, limit_distance - q_idx)
     k_far = position.rotate(key[:, :, :n_far], -k_idx[:, :n_far])
     out2, aux2 = attend(
         q_far, k_far, value[:, :, :n_far], None, masks[1], scale=scaling, enable_gqa=True,

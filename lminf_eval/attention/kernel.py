@@ -50,14 +50,14 @@ def lambda_attention(
 def _scores(q, k, qi, ki, kvalid, settings: Settings, position) -> torch.Tensor:
     """Dense masked LM-Infinite logits for a few query rows: [b, hk, G, n, K] fp32, -inf where not visible."""
     dist = (qi[:, :, None] - ki[:, None, :])[:, None, None]
-    limit = settings.limit_distance
+    limit_distance = settings.limit_distance
     s = _raw_scores(q, k, 1.0)
     if isinstance(position, Alibi):
-        s = s + alibi_bias(position.slopes.to(s.device).view(1, k.shape[1], -1, 1, 1), dist, limit)
-    elif math.isfinite(limit):
-        far = is_far(dist, limit)
+        s = s + alibi_bias(position.slopes.to(s.device).view(1, k.shape[1], -1, 1, 1), dist, limit_distance)
+    elif math.isfinite(limit_distance):
+        far = is_far(dist, limit_distance)
         if bool(far.any()):
-            s = torch.where(far, _raw_scores(position.rotate(q, limit - qi), position.rotate(k, -ki), 1.0), s)
+            s = torch.where(far, _raw_scores(position.rotate(q, limit_distance - qi), position.rotate(k, -ki), 1.0), s)
     ki, kvalid = ki[:, None, None, None, :], kvalid[:, None, None, None, :]
     seen = visible(dist, ki, kvalid, settings.n_global, settings.n_local)
     return s.masked_fill_(~seen, -math.inf)

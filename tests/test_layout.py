@@ -1,0 +1,65 @@
+"""The package's shape: no import circle among lminf_eval's modules (tasks/ included, as lminf_eval.tasks)."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def modules() -> dict[str, Path]:
+    out = {}
+    for folder, package in ((ROOT / "lminf_eval", "lminf_eval"), (ROOT / "tasks", "lminf_eval.tasks")):
+        for file in folder.rglob("*.py"):
+            parts = list(file.relative_to(folder).with_suffix("").parts)
+            if parts[-1] == "__init__":
+                parts = parts[:-1]
+            out[".".join([package, *parts])] = file
+    return out
+
+
+def runtime_imports(name: str, file: Path, known: set[str]) -> set[str]:
+    """Modules of ours that `name` imports when it runs (anywhere but under `if TYPE_CHECKING:`)."""
+    tree = ast.parse(file.read_text())
+    package = name if file.name == "__init__.py" else name.rsplit(".", 1)[0]
+    skip = {
+        id(n)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.If) and getattr(node.test, "id", None) == "TYPE_CHECKING"
+        for n in ast.walk(node)
+    }
+    found = set()
+    for node in ast.walk(tree):
+        if id(node) in skip:
+            continue
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
+            target = f"{base}.{node.module}" if node.level and node.module else (node.module or base)
+            if node.module:  # (`from . import x` needs the package initialised, as every submodule does)
+                found.add(target)
+            found |= {f"{target}.{a.name}" for a in node.names}
+    return {m for m in found if m in known and m != name}
+
+
+def test_no_import_circle():
+    mods = modules()
+    graph = {name: runtime_imports(name, file, set(mods)) for name, file in mods.items()}
+    assert graph["lminf_eval.cli"] and graph["lminf_eval.attention.kernel"]  # the parser sees imports
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+
+    def visit(node: str, path: list[str]) -> None:
+        state[node] = 1
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == 1:
+                cycle = path[path.index(nxt) :] + [nxt]
+                raise AssertionError("import circle: " + " -> ".join(cycle))
+            if nxt not in state:
+                visit(nxt, [*path, nxt])
+        state[node] = 2
+
+    for name in sorted(graph):
+        if name not in state:
+            visit(name, [name])
