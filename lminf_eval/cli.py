@@ -60,8 +60,8 @@ def collect(task_type: type[Task], ctx: typer.Context, flags: dict[str, Any]) ->
             argv += _as_argv(name, value)
         elif name in file_values:
             value = file_values[name]
-        if value is not None and value != []:
-            values[name] = str(value) if isinstance(value, Path) else value
+        if value is not None and value != [] and value != ():
+            values[name] = str(value) if isinstance(value, Path) else list(value) if isinstance(value, tuple) else value
     if config:
         argv += ["--config", str(config)]
     settings, values = split_settings(values)

@@ -47,8 +47,22 @@ def run_step(folder: Path, args: list[str]) -> None:
     subprocess.run(cmd, cwd=ROOT, check=True)
 
 
+def _without_output(argv: list[str]) -> list[str]:
+    """The command as a user would type it: without the folder and resume flags a profile adds."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--output-dir":
+            skip = True
+        elif arg != "--resume":
+            out.append(arg)
+    return out
+
+
 def collect(out: Path, profile: str, steps: dict[str, list[str]]) -> None:
-    """TABLES.md: every table, each under the command that made it, plus machine and versions."""
+    """TABLES.md: every table, each under the command that made it (results.json's argv), plus machine and
+    versions."""
     parts = [
         f"# Reproduction ({profile} profile)\n\nMachine: {platform.platform()}, {platform.processor() or 'cpu'}; "
         f"written by `python scripts/reproduce.py --profile {profile}`.\n"
@@ -56,7 +70,10 @@ def collect(out: Path, profile: str, steps: dict[str, list[str]]) -> None:
     for folder in sorted(p for p in out.iterdir() if (p / "results.json").exists()):
         res = json.loads((folder / "results.json").read_text())
         v = res["versions"]
-        command = shlex.join(["lminf-eval", *steps[folder.name]]) if folder.name in steps else res["command"]
+        if "argv" in res:
+            command = shlex.join(_without_output(res["argv"]))
+        else:  # (folders written before results.json kept the argv)
+            command = shlex.join(["lminf-eval", *steps.get(folder.name, [res["command"]])])
         parts.append(
             f"## {folder.name}\n\n`{command}`"
             f" ({res['status']}; {res['wall_seconds']:.0f} s on {res['device']}; torch {v['torch']}, "

@@ -95,3 +95,27 @@ def test_smollm2_loads_with_its_pretraining_length():
     assert model.config.model_type == "llama" and model.config.max_position_embeddings == 8192
     assert model.config.num_key_value_heads < model.config.num_attention_heads  # GQA
     assert next(model.parameters()).dtype == torch.float32
+
+
+@pytest.mark.parametrize("profile", ["quick", "default", "paper"])
+def test_reproduction_profiles_parse(profile, monkeypatch):
+    """Every step of a shipped profile is a valid command: known flags, config-file keys, methods, settings."""
+    import shlex
+
+    import typer
+    import yaml
+
+    from lminf_eval.cli import collect
+    from lminf_eval.methods import parse_methods
+    from lminf_eval.task import TASKS
+
+    monkeypatch.chdir(REPO_ROOT)  # (steps name configs/*.yaml relative to the repository)
+    steps = yaml.safe_load((REPO_ROOT / "configs" / f"{profile}.yaml").read_text())["steps"]
+    group = typer.main.get_command(app)
+    for step, command in steps.items():
+        name, *args = shlex.split(command)
+        ctx = group.commands[name].make_context(name, args)  # unknown flags raise here
+        run_config = collect(TASKS[name], ctx, dict(ctx.params))
+        for method in parse_methods(run_config.method):
+            method.settings(4096, TASKS[name].settings_defaults, run_config.settings)
+        assert run_config.command == name, step
