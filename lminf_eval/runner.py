@@ -98,13 +98,13 @@ def execute(task_type: type[Task], run_config: RunConfig) -> Path:
     l_pre = l_pre or pretraining_length(model.config)
     if not l_pre:
         raise UserError(f"{run_config.model} config has no pretraining length: pass --pretraining-length")
+    lengths = parse_lengths(run_config.lengths or task_type.default_lengths, l_pre)
     # bad settings or an unsupported model fail now, not after hours of vanilla
     settings = {m.label: m.settings(l_pre, task_type.settings_defaults, run_config.settings) for m in methods}
     for method in methods:
         if method.patched:
             with applied(model, settings[method.label], l_pre):
                 pass
-    lengths = parse_lengths(run_config.lengths or task_type.default_lengths, l_pre)
     ctx = Context(run_config, model, tokenizer, device, l_pre, lengths, methods, settings, run)
     task = task_type(ctx)
     task.prepare()

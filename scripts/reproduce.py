@@ -72,8 +72,10 @@ def collect(out: Path, profile: str, steps: dict[str, list[str]]) -> None:
         v = res["versions"]
         if "argv" in res:
             command = shlex.join(_without_output(res["argv"]))
-        else:  # (folders written before results.json kept the argv)
-            command = shlex.join(["lminf-eval", *steps.get(folder.name, [res["command"]])])
+        elif steps.get(folder.name, [None])[0] == res["command"]:  # (written before results.json kept the argv)
+            command = shlex.join(["lminf-eval", *steps[folder.name]])
+        else:
+            command = f"lminf-eval {res['command']} ..."
         parts.append(
             f"## {folder.name}\n\n`{command}`"
             f" ({res['status']}; {res['wall_seconds']:.0f} s on {res['device']}; torch {v['torch']}, "

@@ -60,10 +60,10 @@ def blocked_attention(
     position: Rope | Alibi,
     scaling: float,
     fused: bool = True,
-    band: bool = True,
+    use_band: bool = True,
 ) -> torch.Tensor:
     """query [b, hq, Q, d], key/value [b, hk, K, d] -> [b, hq, Q, dv] in query's dtype. `fused`: PyTorch's
-    fused attention kernels (else plain fp32 math); `band`: plain local windows as unmasked band calls."""
+    fused attention kernels (else plain fp32 math); `use_band`: plain local windows as unmasked band calls."""
     b, hq, n_q = query.shape[:3]
     # [b, Q, hq, dv] in memory, so the caller's transpose back to that layout is free
     out = query.new_empty(b, n_q, hq, value.shape[-1]).transpose(1, 2)
@@ -74,10 +74,10 @@ def blocked_attention(
     block = min(n_q, max(1, block))
     for s in range(0, n_q, block):
         e = min(n_q, s + block)
-        memo_key = ("blocks", s, e, band, query.dtype, query.device)
+        memo_key = ("blocks", s, e, use_band, query.dtype, query.device)
         lay = plan.memo.get(memo_key)
         if lay is None:
-            lay = _layout(plan, key.shape[2] - n_q, s, e, settings, position, query.dtype, band)
+            lay = _layout(plan, key.shape[2] - n_q, s, e, settings, position, query.dtype, use_band)
             plan.remember(memo_key, lay, lay.nbytes())
         merge(_block(query[:, :, s:e], key, value, lay, position, scaling, fused), into=out[:, :, s:e])
     return out
@@ -106,12 +106,12 @@ def _band(plan: Plan, head: int, q_lo: int, q_hi: int, settings: Settings, posit
     return a, m, q_lo
 
 
-def _layout(plan: Plan, first: int, s: int, e: int, settings: Settings, position, dtype, band: bool) -> Layout:
+def _layout(plan: Plan, first: int, s: int, e: int, settings: Settings, position, dtype, use_band: bool) -> Layout:
     """Split the keys of query block [s, e) (key slots first+s .. first+e-1) and build its masks."""
     head = min(plan.global_slots, first + e)
     q_lo, q_hi = first + s, first + e
     w, limit_distance = settings.n_local, settings.limit_distance
-    band, mid = _band(plan, head, q_lo, q_hi, settings, position) if band else None, None
+    band, mid = _band(plan, head, q_lo, q_hi, settings, position) if use_band else None, None
     if band is not None:
         keys = torch.arange(min(head, band[0]))
     else:

@@ -40,8 +40,8 @@ def lambda_attention(
     if backend == "flex":
         out = flex.flex_attention_lambda(query, key, value, plan, settings, position, scaling)
     else:
-        fused, band = backend != "plain", backend != "blocks-masked"
-        out = blocks.blocked_attention(query, key, value, plan, settings, position, scaling, fused, band)
+        fused, use_band = backend != "plain", backend != "blocks-masked"
+        out = blocks.blocked_attention(query, key, value, plan, settings, position, scaling, fused, use_band)
     if settings.top_k and layer_idx >= settings.top_k_from_layer:
         out[:, :, -1:] = _last_row_with_top_k(query[:, :, -1:], key, value, plan, settings, position, scaling)
     return out
