@@ -204,7 +204,7 @@ def position_encoding(model: nn.Module) -> Rope | Alibi:
     config, base = model.config, model.base_model
     if FAMILIES.get(config.model_type) == "alibi":
         if config.model_type == "mpt":
-            return Alibi(mpt_slopes(config.n_heads, config.attn_config.alibi_bias_max))
+            return Alibi(mpt_slopes(base, config.n_heads))
         return Alibi(bloom_slopes(config.n_head))
     rotary = getattr(base, "rotary_emb", None)
     if rotary is not None and hasattr(rotary, "inv_freq"):

@@ -310,3 +310,14 @@ def test_defaults_come_from_the_config():
     s = model.lm_infinite.settings
     assert (s.n_global, s.n_local, s.limit_distance, s.top_k_distance) == (10, L_PRE, L_PRE, L_PRE // 2)
     assert s == Settings.resolve(L_PRE) and (s.top_k, s.top_k_from_layer, s.backend) == (0, 4, "auto")
+
+
+def test_mpt_slopes_are_the_ones_its_forward_uses():
+    """transformers' MptModel builds its ALiBi with alibi_bias_max 8 whatever the config says; slopes read from the
+    config's value would make LM-Infinite differ from vanilla inside the window."""
+    model = tiny_model("mpt")
+    model.config.attn_config.alibi_bias_max = 16
+    ids = torch.randint(0, VOCAB, (1, L_PRE))
+    vanilla = logits(model, ids)
+    apply_lm_infinite(model, n_global=G)
+    torch.testing.assert_close(logits(model, ids), vanilla, atol=ATOL, rtol=0)

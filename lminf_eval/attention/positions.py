@@ -66,11 +66,10 @@ def gptj_inv_freq(dim: int) -> torch.Tensor:
     return 1.0 / (10000 ** (torch.arange(0, dim, 2, dtype=torch.int64) / dim))
 
 
-def mpt_slopes(n_heads: int, alibi_bias_max: float) -> torch.Tensor:
-    """MPT's slopes, recovered from the model's own ALiBi builder (bias of the key one step back)."""
-    from transformers.models.mpt.modeling_mpt import build_mpt_alibi_tensor
-
-    return -build_mpt_alibi_tensor(n_heads, 2, alibi_bias_max)[:, 0, 0].float()
+def mpt_slopes(base: nn.Module, n_heads: int) -> torch.Tensor:
+    """MPT's slopes, recovered from the base model's own ALiBi builder (the bias of the key one step back), so
+    they are what its forward uses (transformers builds them with alibi_bias_max 8, whatever the config says)."""
+    return -base.build_mpt_alibi_tensor(n_heads, 2, device="cpu")[:, 0, 0].float()
 
 
 def bloom_slopes(n_heads: int) -> torch.Tensor:
