@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import os
 import socket
@@ -71,18 +72,34 @@ def gguf_in_package(package: str) -> Path:
     return files[0]
 
 
+def gguf_digest(path: Path) -> str:
+    """What names a converted copy: a hash of the file's bytes, so a replaced file is converted again."""
+    with path.open("rb") as fh:
+        if fh.read(4) != b"GGUF":
+            raise ModelError(f"{path} is not a GGUF file (empty or corrupt): download it again")
+        fh.seek(0)
+        digest = hashlib.sha256()
+        while chunk := fh.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()[:16]
+
+
 def load_gguf(path: Path, name: str, dtype: torch.dtype):
-    """GGUF -> transformers costs ~30 s (dequantisation); keep a converted copy in the user cache."""
+    """GGUF -> transformers costs ~30 s (dequantisation); keep a converted copy in the user cache, keyed on
+    the file's content."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    converted = cache_dir() / "converted" / name
+    converted = cache_dir() / "converted" / f"{name}-{gguf_digest(path)}"
     if (converted / "config.json").exists():
         return (
             AutoModelForCausalLM.from_pretrained(converted, dtype=dtype),
             AutoTokenizer.from_pretrained(converted),
         )
-    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
-    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
+        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    except Exception as err:  # a truncated or foreign file fails deep inside the gguf reader
+        raise ModelError(f"cannot read {path} as a GGUF model ({type(err).__name__}): download it again") from None
     try:
         tmp = converted.with_name(converted.name + f".tmp{os.getpid()}")
         # the weights are dequantised already; only the loader's gguf marker blocks saving them

@@ -425,3 +425,24 @@ def test_third_party_task_from_an_entry_point(tiny, tmp_path, monkeypatch):
     assert res.exit_code == 0, res.output
     counts = pd.read_csv(tmp_path / "counts.csv", index_col=0)
     assert counts.loc["lm-infinite"].tolist() == [96, 192]
+
+
+def test_gguf_cache_follows_the_file_content(tmp_path, monkeypatch):
+    """A converted copy is found by the file's content: a replaced or emptied .gguf under a cached name is not
+    served the old weights, and an unreadable one is a one-line ModelError."""
+    from lminf_eval import models
+
+    monkeypatch.setenv("LMINF_CACHE", str(tmp_path / "cache"))
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF" + bytes(range(200)))
+    converted = tmp_path / "cache" / "lminf-eval" / "converted"
+    fixtures.checkpoint(converted / f"m-{models.gguf_digest(gguf)}")  # as if converted before
+    model, _ = models.load_gguf(gguf, "m", torch.float32)
+    assert model.config.model_type == "llama"  # served from the cache
+    fixtures.checkpoint(converted / "m")  # a copy under the bare name, as older versions kept it
+    gguf.write_bytes(b"GGUF" + bytes(range(100)))  # replaced: not the cached weights
+    with pytest.raises(models.ModelError, match="cannot read"):
+        models.load_gguf(gguf, "m", torch.float32)
+    gguf.write_bytes(b"")
+    with pytest.raises(models.ModelError, match="not a GGUF file"):
+        models.load_gguf(gguf, "m", torch.float32)
