@@ -114,6 +114,18 @@ def load_gguf(path: Path, name: str, dtype: torch.dtype):
     return model, tokenizer
 
 
+def weights_digest(model) -> str:
+    """A model's identity for resume checks: its config and a strided sample of every weight, hashed (cheap,
+    and different for any retrained or replaced checkpoint)."""
+    digest = hashlib.sha256(model.config.to_json_string(use_diff=False).encode())
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            flat = p.detach().reshape(-1)
+            sample = flat[:: max(1, flat.numel() // 4096)].float().cpu().numpy()
+            digest.update(name.encode() + str(tuple(p.shape)).encode() + sample.tobytes())
+    return digest.hexdigest()[:16]
+
+
 def pretraining_length_for(name: str) -> int | None:
     entry = REGISTRY.get(name)
     return entry.pretraining_length if entry else None

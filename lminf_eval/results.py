@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
 import subprocess
 import time
@@ -11,11 +12,36 @@ from pathlib import Path
 
 import pandas as pd
 
+from .errors import UserError
 from .models import REPO_ROOT
+from .task import console
 
 
 def cell_id(key: dict) -> str:
     return json.dumps(key, sort_keys=True)
+
+
+def _lock(path: Path):
+    """An exclusive lock on the folder, held until the process ends (or the returned file is closed)."""
+    import fcntl
+
+    fh = (path / ".lock").open("w")
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        fh.close()
+        message = f"another lminf-eval run is writing to {path}: wait for it, or use another --output-dir"
+        raise UserError(message) from None
+    return fh
+
+
+def _cut_torn_tail(file: Path) -> None:
+    """Drop a last line that has no newline: a write cut short by a kill or a full disk."""
+    data = file.read_bytes()
+    if data and not data.endswith(b"\n"):
+        with file.open("r+b") as fh:
+            fh.truncate(data.rfind(b"\n") + 1)
+        console.print(f"[yellow]{file}: dropped a torn last line (a write cut short); that cell runs again")
 
 
 def git_hash() -> str | None:
@@ -50,49 +76,103 @@ def default_output_dir(command: str, model: str) -> Path:
     return Path("results") / command / safe / time.strftime("%Y%m%d-%H%M%S")
 
 
-def latest_run(command: str, model: str) -> Path | None:
+def earlier_runs(command: str, model: str) -> list[Path]:
+    """Folders of earlier runs of this command and model that hold samples, newest first."""
     parent = default_output_dir(command, model).parent
-    runs = sorted(p for p in parent.glob("*") if p.is_dir()) if parent.exists() else []
-    return runs[-1] if runs else None
+    runs = sorted((p for p in parent.glob("*") if any(p.glob("samples*.jsonl"))), reverse=True)
+    return runs if parent.exists() else []
+
+
+def differences(recorded: dict, now: dict) -> list[str]:
+    """Names of the fingerprint entries that differ between a recorded run and this one."""
+    return sorted(k for k in recorded.keys() | now.keys() if recorded.get(k) != now.get(k))
 
 
 @dataclass
 class RunDir:
+    """A run's folder: created when the first cell is about to start (`open`), locked while the run lives,
+    with the fingerprint of what it computes (`run.json`) and one line per finished cell."""
+
     path: Path
     rank: int = 0
     world: int = 1
-
-    def __post_init__(self):
-        self.path.mkdir(parents=True, exist_ok=True)
+    lock: object = None
 
     @property
     def samples_file(self) -> Path:
         return self.path / ("samples.jsonl" if self.world == 1 else f"samples.rank{self.rank}.jsonl")
 
+    def fingerprint(self) -> dict | None:
+        file = self.path / "run.json"
+        return json.loads(file.read_text())["fingerprint"] if file.exists() else None
+
+    def open(self, fingerprint: dict, resume: bool) -> None:
+        """Create and lock the folder; refuse a folder of another run (or any results without --resume);
+        record the fingerprint; cut a torn last line (a write cut short) so the next one starts clean."""
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            if self.rank == 0:
+                self.lock = _lock(self.path)
+        except OSError as err:
+            raise UserError(f"cannot write to {self.path} ({err.strerror}): pass another --output-dir") from None
+        if self.rank != 0:
+            return
+        try:
+            self._check(fingerprint, resume)
+        except UserError:
+            self.close()
+            raise
+        (self.path / "run.json").write_text(json.dumps({"fingerprint": fingerprint}, indent=1, default=str))
+        for file in self.path.glob("samples*.jsonl"):
+            _cut_torn_tail(file)
+
+    def _check(self, fingerprint: dict, resume: bool) -> None:
+        if not any(self.path.glob("samples*.jsonl")):
+            return
+        if not resume:
+            raise UserError(f"{self.path} already holds results: pass --resume to continue it, or another --output-dir")
+        recorded = self.fingerprint()
+        if recorded is not None and differences(recorded, fingerprint):
+            diff = ", ".join(differences(recorded, fingerprint))
+            raise UserError(f"--resume: {self.path} holds a run with another {diff}: pass another --output-dir")
+
+    def close(self) -> None:
+        """Release the folder's lock."""
+        if self.lock is not None:
+            self.lock.close()
+            self.lock = None
+
     def read_samples(self) -> list[dict]:
-        rows = []
+        """Every finished cell once (a later line for the same cell, e.g. a retried OOM, wins)."""
+        by_cell, bad = {}, 0
         for file in sorted(self.path.glob("samples*.jsonl")):
             for line in file.read_text().splitlines():
                 if line.strip():
                     try:
-                        rows.append(json.loads(line))
-                    except json.JSONDecodeError:
-                        pass  # a line cut short by a kill: that cell simply runs again on --resume
-        seen, unique = set(), []
-        for row in rows:
-            cid = cell_id(row["cell"])
-            if cid not in seen:
-                seen.add(cid)
-                unique.append(row)
-        return unique
+                        row = json.loads(line)
+                        by_cell[cell_id(row["cell"])] = row
+                    except (json.JSONDecodeError, KeyError, TypeError):
+                        bad += 1
+        if bad:
+            console.print(f"[yellow]{self.path}: {bad} unreadable line(s) in samples; those cells count as not run")
+        return list(by_cell.values())
 
     def finished(self) -> set[str]:
-        return {cell_id(row["cell"]) for row in self.read_samples()}
+        """Cells that need not run again: the ones that finished ok (an OOM cell is retried)."""
+        return {cell_id(row["cell"]) for row in self.read_samples() if row["status"] == "ok"}
 
     def record(self, key: dict, status: str, seconds: float, result: dict | None = None) -> None:
+        """One line, written in one call and flushed to disk before the next cell starts."""
         row = {"cell": key, "status": status, "seconds": round(seconds, 3), **(result or {})}
-        with self.samples_file.open("a") as fh:
-            fh.write(json.dumps(row) + "\n")
+        try:
+            with self.samples_file.open("a") as fh:
+                fh.write(json.dumps(row) + "\n")
+                fh.flush()
+                os.fsync(fh.fileno())
+        except OSError as err:
+            raise UserError(
+                f"cannot write to {self.path} ({err.strerror}): finished cells are kept; free space and --resume"
+            ) from None
 
     def merge_ranks(self) -> None:
         """Rank 0, after every rank finished: one samples.jsonl, as a single-process run writes."""

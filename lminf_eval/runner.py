@@ -4,7 +4,10 @@ finishes; Ctrl-C and out-of-memory keep what finished; --resume skips it; ranks 
 from __future__ import annotations
 
 import os
+import signal
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import asdict
 from itertools import groupby
 from pathlib import Path
@@ -18,9 +21,9 @@ from .config import RunConfig, parse_lengths
 from .data import check_dataset
 from .errors import UserError
 from .methods import applied, parse_methods
-from .models import load_model, pretraining_length_for
+from .models import load_model, pretraining_length_for, weights_digest
 from .patch import pretraining_length
-from .results import RunDir, cell_id, default_output_dir, format_number, git_hash, latest_run, versions
+from .results import RunDir, cell_id, default_output_dir, earlier_runs, format_number, git_hash, versions
 from .task import Cell, Context, Task, console
 
 
@@ -41,21 +44,29 @@ def barrier(world: int) -> None:
         PartialState().wait_for_everyone()
 
 
-def shared_output_dir(run_config: RunConfig, world: int) -> Path:
+def chosen_output_dir(run_config: RunConfig, world: int) -> Path | None:
+    """--output-dir, or a new timestamped folder; None for a plain --resume, which picks its folder once the
+    run's fingerprint is known (`_resumable`)."""
     if run_config.output_dir:
         return Path(run_config.output_dir)
-    command, model = run_config.command, run_config.model
     if run_config.resume:
-        found = latest_run(command, model)
-        if found is None:
-            raise UserError(f"--resume found no earlier {command} run of {model}: pass --output-dir")
-        return found
-    path = default_output_dir(command, model)
+        return None
+    path = default_output_dir(run_config.command, run_config.model)
     if world > 1:  # every rank must write into rank 0's folder
         from accelerate.utils import broadcast_object_list
 
         path = Path(broadcast_object_list([str(path)])[0])
     return path
+
+
+def _resumable(run_config: RunConfig, fingerprint: dict) -> Path:
+    """The newest earlier run of this command and model whose fingerprint is this run's."""
+    runs = earlier_runs(run_config.command, run_config.model)
+    for path in runs:
+        if RunDir(path).fingerprint() == fingerprint:
+            return path
+    what = f"{run_config.command} run of {run_config.model}" + (" with these settings" if runs else "")
+    raise UserError(f"--resume found no earlier {what}: pass --output-dir")
 
 
 def resolve_device(run_config: RunConfig) -> tuple[torch.device, str]:
@@ -83,14 +94,14 @@ def is_oom(err: BaseException) -> bool:
 
 
 def execute(task_type: type[Task], run_config: RunConfig) -> Path:
-    """Run every cell of `task_type` for `run_config` (resuming if asked), then write results.json and tables."""
+    """Run every cell of `task_type` for `run_config` (resuming if asked), then write results.json and tables.
+    Nothing is written before every input has been checked and the first cell is about to start."""
     rank, world = distributed()
     methods = parse_methods(run_config.method)  # fail fast on a typo, before a model loads
     check_dataset(run_config.dataset, run_config.text_field, run_config.split)
     device, dtype = resolve_device(run_config)
-    out = shared_output_dir(run_config, world)
-    run = RunDir(out, rank, world)
-    if not run_config.resume and rank == 0 and any(out.glob("samples*.jsonl")):
+    out = chosen_output_dir(run_config, world)
+    if out is not None and not run_config.resume and rank == 0 and any(out.glob("samples*.jsonl")):
         raise UserError(f"{out} already holds results: pass --resume to continue it, or another --output-dir")
     torch.manual_seed(run_config.seed)
     model, tokenizer = load_model(run_config.model, dtype, str(device), run_config.device_map)
@@ -105,27 +116,73 @@ def execute(task_type: type[Task], run_config: RunConfig) -> Path:
         if method.patched:
             with applied(model, settings[method.label], l_pre):
                 pass
+    run = RunDir(out or Path(), rank, world)
     ctx = Context(run_config, model, tokenizer, device, l_pre, lengths, methods, settings, run)
     task = task_type(ctx)
     task.prepare()
     cells = task.cells()
-    done = run.finished() if run_config.resume else set()
-    mine = [c for i, c in enumerate(cells) if i % world == rank and cell_id(c.key) not in done]
-    started = time.time()
-    interrupted = False
+    fingerprint = _fingerprint(task, dtype)
+    run.path = out or _resumable(run_config, fingerprint)
+    run.open(fingerprint, run_config.resume)
     try:
-        _run_cells(task, mine, len(cells), len(cells) - len(mine) if world == 1 else 0)
-    except KeyboardInterrupt:
-        interrupted = True
-    barrier(world)
-    if rank == 0:
-        if world > 1:
-            run.merge_ranks()
-        _summarize(task, started, "interrupted" if interrupted else "complete")
+        done = run.finished() if run_config.resume else set()
+        mine = [c for i, c in enumerate(cells) if i % world == rank and cell_id(c.key) not in done]
+        started = time.time()
+        interrupted = False
+        try:
+            with _sigterm_as_interrupt():
+                _run_cells(task, mine, len(cells), len(cells) - len(mine) if world == 1 else 0)
+        except KeyboardInterrupt:
+            interrupted = True
+        barrier(world)
+        if rank == 0:
+            if world > 1:
+                run.merge_ranks()
+            _summarize(task, cells, started, interrupted)
+    finally:
+        run.close()
     if interrupted:
+        out = run.path
         console.print(f"[yellow]interrupted: finished cells are in {out}; rerun with --resume --output-dir {out}")
         raise KeyboardInterrupt
-    return out
+    return run.path
+
+
+def _fingerprint(task: Task, dtype: str) -> dict:
+    """Everything that changes a number: a resumed run must match it (`RunDir.open`)."""
+    ctx, run_config = task.ctx, task.ctx.run_config
+    return {
+        "command": run_config.command,
+        "model": run_config.model,
+        "weights": weights_digest(ctx.model),
+        "dtype": dtype,
+        "dataset": [run_config.dataset, run_config.text_field, run_config.split],
+        "documents": task.data_digest(),
+        "num_docs": run_config.num_docs,
+        "min_tokens": run_config.min_tokens,
+        "pretraining_length": ctx.l_pre,
+        "lengths": ctx.lengths,
+        "methods": {label: _jsonable(s) for label, s in ctx.settings.items()},
+        "seed": run_config.seed,
+        "options": asdict(task.options),
+    }
+
+
+@contextmanager
+def _sigterm_as_interrupt():
+    """SIGTERM (timeout, Slurm, Kubernetes) ends the run as Ctrl-C does: finished cells kept, resumable."""
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _run_cells(task: Task, cells: list[Cell], total: int, skipped: int) -> None:
@@ -160,9 +217,12 @@ def _run_cells(task: Task, cells: list[Cell], total: int, skipped: int) -> None:
                     progress.update(bar, advance=1, rate=f"{tokens / max(time.time() - t0, 1e-9):,.0f} tok/s")
 
 
-def _summarize(task: Task, started: float, status: str) -> None:
+def _summarize(task: Task, cells: list[Cell], started: float, interrupted: bool) -> None:
+    """results.json and the tables; "complete" only when every planned cell has a result."""
     ctx = task.ctx
     rows = ctx.run.read_samples()
+    missing = len({cell_id(c.key) for c in cells} - {cell_id(r["cell"]) for r in rows})
+    status = "interrupted" if interrupted else ("complete" if not missing else "incomplete")
     metrics, tables = task.summarize(rows)
     summary = {
         "command": ctx.run_config.command,
@@ -178,7 +238,7 @@ def _summarize(task: Task, started: float, status: str) -> None:
         "git": git_hash(),
         "device": str(ctx.device) + (f" ({torch.cuda.get_device_name()})" if ctx.device.type == "cuda" else ""),
         "wall_seconds": round(time.time() - started, 2),
-        "cells": {"total": len(rows), "oom": sum(r["status"] == "oom" for r in rows)},
+        "cells": {"total": len(rows), "planned": len(cells), "oom": sum(r["status"] == "oom" for r in rows)},
         "metrics": metrics,
     }
     ctx.run.write_summary(summary, tables)

@@ -10,6 +10,8 @@ cell, written as it finishes) -> summarize -> plots.
 
 from __future__ import annotations
 
+import hashlib
+from array import array
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -79,6 +81,17 @@ class Task:
 
     def prepare(self) -> None:
         """Load data, validate options; called once before cells are listed."""
+
+    def data_digest(self) -> str | None:
+        """A hash of the data the cells read, so a resumed run can check it reads the same: by default the
+        documents a task keeps in `self.docs` (None for a task that generates its inputs from the seed)."""
+        docs = getattr(self, "docs", None)
+        if docs is None:
+            return None
+        digest = hashlib.sha256()
+        for doc in docs:
+            digest.update(doc.id.encode() + b"\0" + array("l", doc.ids).tobytes())
+        return digest.hexdigest()[:16]
 
     def cells(self) -> list[Cell]:
         raise NotImplementedError

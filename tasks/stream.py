@@ -4,6 +4,7 @@ resident memory as it goes."""
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 import psutil
@@ -83,6 +84,9 @@ class Stream(Task):
             for d in docs:
                 stream.extend(d.ids)
         self.stream = torch.tensor([stream[: self.options.stream_tokens]], device=ctx.device)
+
+    def data_digest(self) -> str:
+        return hashlib.sha256(self.stream.cpu().numpy().tobytes()).hexdigest()[:16]
 
     def cells(self) -> list[Cell]:
         n = self.stream.shape[1]

@@ -446,3 +446,97 @@ def test_gguf_cache_follows_the_file_content(tmp_path, monkeypatch):
     gguf.write_bytes(b"")
     with pytest.raises(models.ModelError, match="not a GGUF file"):
         models.load_gguf(gguf, "m", torch.float32)
+
+
+def test_torn_last_line_is_repaired_and_every_cell_is_kept(tiny, tmp_path):
+    """A kill or a full disk mid-write leaves half a line: --resume drops it (that cell runs again), the next
+    cell's line is not glued to it, and the run ends complete with every cell and the uninterrupted table."""
+    args = ("ppl", "--lengths", "1x,2x", "--num-docs", "3")
+    assert run(tiny, *args, out=tmp_path / "whole").exit_code == 0
+    torn = tmp_path / "torn"
+    assert run(tiny, *args, out=torn).exit_code == 0
+    lines = (torn / "samples.jsonl").read_text().splitlines(keepends=True)
+    (torn / "samples.jsonl").write_text("".join(lines[:3]) + lines[3][: len(lines[3]) // 2])
+    res = run(tiny, *args, "--resume", out=torn)
+    assert res.exit_code == 0, res.output
+    assert "torn" in res.stderr
+    results, samples = load(torn)
+    assert results["status"] == "complete" and len(samples) == 6
+    pd.testing.assert_frame_equal(pd.read_csv(torn / "ppl.csv"), pd.read_csv(tmp_path / "whole" / "ppl.csv"))
+
+
+def test_resume_refuses_a_different_run(tiny, tmp_path):
+    """--resume compares what changes a number and names what differs, in one line, exit 2."""
+    base = ("ppl", "--lengths", "1x,2x", "--num-docs", "1")
+    assert run(tiny, *base, out=tmp_path).exit_code == 0
+    other = tmp_path / "other.txt"
+    other.write_text(fixtures.sentences(150, seed=99))  # (other text than the run's documents)
+    cases = {
+        "methods": ["--n-global", "5"],
+        "lengths": ["--lengths", "1x,4x"],
+        "documents": ["--dataset", str(other)],
+        "seed": ["--seed", "3"],
+    }
+    for what, change in cases.items():
+        res = runner.invoke(
+            app, [*base, "--model", str(tiny.model), "--dataset", str(tiny.data), "--n-global", "4",
+                  "--output-dir", str(tmp_path), "--resume", *change],
+        )  # fmt: skip
+        assert res.exit_code == 2, (what, res.output)
+        assert len(res.stderr.strip().splitlines()) == 1 and what in res.stderr, res.stderr
+    res = run(tiny, *base, "--resume", out=tmp_path)  # the same run resumes (nothing left to do)
+    assert res.exit_code == 0 and load(tmp_path)[0]["status"] == "complete"
+
+
+def test_a_locked_folder_refuses_a_second_run(tiny, tmp_path):
+    from lminf_eval.results import _lock
+
+    tmp_path.mkdir(exist_ok=True)
+    held = _lock(tmp_path)  # as a first run holds it
+    res = run(tiny, "ppl", "--lengths", "1x", "--num-docs", "1", out=tmp_path)
+    held.close()
+    assert res.exit_code == 2 and "another lminf-eval run" in res.stderr
+    assert not (tmp_path / "samples.jsonl").exists()
+
+
+def test_failed_start_writes_nothing_and_resume_finds_the_run(tiny, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    args = ("ppl", "--lengths", "1x,2x", "--num-docs", "1")
+    assert run(tiny, *args).exit_code == 0
+    first = next((tmp_path / "results" / "ppl").rglob("samples.jsonl")).parent
+    (first / "results.json").unlink()
+    assert run(tiny, "ppl", "--lengths", "16y").exit_code == 2  # a failed start...
+    assert run(tiny, "ppl", "--lengths", "1000x").exit_code == 2  # (fails after the model loaded)
+    assert list((tmp_path / "results" / "ppl").glob("*/*")) == [first]  # ...leaves no folder behind
+    res = run(tiny, *args, "--resume")
+    assert res.exit_code == 0 and (first / "results.json").exists()
+
+
+def test_sigterm_ends_the_run_like_ctrl_c(tiny, tmp_path):
+    import signal
+    import time
+
+    cmd = [sys.executable, "-m", "lminf_eval", "ppl", "--model", str(tiny.model), "--dataset", str(tiny.data)]
+    cmd += ["--lengths", "1x,8x", "--num-docs", "3", "--method", "vanilla,lm-infinite,window", "--n-global", "4"]
+    proc = subprocess.Popen([*cmd, "--output-dir", str(tmp_path)], stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not (tmp_path / "samples.jsonl").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert (tmp_path / "results.json").exists(), (proc.returncode, err[-3000:])
+    results, samples = load(tmp_path)
+    assert proc.returncode == 130 and results["status"] == "interrupted" and 1 <= len(samples) < 9, err[-2000:]
+    assert "--resume" in err
+
+
+def test_resume_retries_oom_cells(tiny, tmp_path, monkeypatch):
+    original = ppl_task.token_nll
+    monkeypatch.setattr(ppl_task, "token_nll", lambda m, i: (_ for _ in ()).throw(torch.OutOfMemoryError("oom")))
+    args = ("ppl", "--lengths", "1x", "--num-docs", "1", "--method", "lm-infinite")
+    assert run(tiny, *args, out=tmp_path).exit_code == 0
+    assert [s["status"] for s in load(tmp_path)[1]] == ["oom"]
+    monkeypatch.setattr(ppl_task, "token_nll", original)
+    assert run(tiny, *args, "--resume", out=tmp_path).exit_code == 0
+    results, _ = load(tmp_path)
+    assert results["cells"]["oom"] == 0 and pd.read_csv(tmp_path / "ppl.csv", index_col=0).notna().all().all()
