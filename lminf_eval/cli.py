@@ -64,10 +64,43 @@ def collect(task_type: type[Task], ctx: typer.Context, flags: dict[str, Any]) ->
             values[name] = str(value) if isinstance(value, Path) else list(value) if isinstance(value, tuple) else value
     if config:
         argv += ["--config", str(config)]
+    for name, value in list(values.items()):
+        values[name] = _checked(name, value, *_declared(task_type)[name])
     settings, values = split_settings(values)
     options = task_type.Options(**{k: values.pop(k) for k in option_names if k in values})
     values.setdefault("lengths", task_type.default_lengths)
     return RunConfig(command=task_type.name, settings=settings, options=options, argv=argv, **values)
+
+
+def _declared(task_type: type[Task]) -> dict[str, tuple[Any, int | None]]:
+    """Flag name -> (type, least value) for the task's command."""
+    out = {}
+    for cls in (RunConfig, task_type.Options):
+        hints = get_type_hints(cls)
+        out.update({f.name: (hints[f.name], f.metadata.get("min")) for f in fields(cls) if f.name in hints})
+    out.update({name: (str if name == "backend" else int, None) for name in SETTING_NAMES})
+    return out
+
+
+def _checked(name: str, value, kind, minimum: int | None):
+    """`value` as the flag's type (YAML may give a number where text is expected), or a one-line UserError."""
+    kind, flag = _strip_none(kind), "--" + name.replace("_", "-")
+    if kind is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+        value = str(value)
+    if kind == list[str] and isinstance(value, str):
+        value = [value]
+    ok = {
+        int: isinstance(value, int) and not isinstance(value, bool),
+        bool: isinstance(value, bool),
+        str: isinstance(value, str),
+        list[str]: isinstance(value, list) and all(isinstance(v, str) for v in value),
+    }.get(kind, True)
+    if not ok:
+        expected = {int: "a whole number", bool: "true or false", str: "text", list[str]: "a list of names"}[kind]
+        raise UserError(f"{flag} must be {expected}, got {value!r}")
+    if minimum is not None and value < minimum:
+        raise UserError(f"{flag} must be at least {minimum}, got {value}")
+    return value
 
 
 def _as_argv(name: str, value) -> list[str]:
@@ -175,7 +208,10 @@ def report(
         _fail(str(err))
     typer.echo(text)
     if output:
-        output.write_text(text + "\n")
+        try:
+            output.write_text(text + "\n")
+        except OSError as err:
+            _fail(f"cannot write {output} ({err.strerror}): pass a file path to --output")
 
 
 def quiet_libraries() -> None:

@@ -35,13 +35,15 @@ class RunConfig:
     text_field: str | None = option(None, "Text field of jsonl/hub records (default: the dataset's, else text).")
     split: str | None = option(None, "Hub dataset split.")
     lengths: str | None = option(None, "Token counts (4096,8192), 8k, or multiples of the pretraining length (1x,32x).")
-    num_docs: int = option(4, "Documents to evaluate.")
-    min_tokens: int | None = option(None, "Skip documents shorter than this (default: the longest length).")
-    pretraining_length: int | None = option(None, "Override L_pre (configs lie: MPT-7B says 2048; default: config).")
+    num_docs: int = option(4, "Documents to evaluate.", min=1)
+    min_tokens: int | None = option(None, "Skip documents shorter than this (default: the longest length).", min=1)
+    pretraining_length: int | None = option(
+        None, "Override L_pre (configs lie: MPT-7B says 2048; default: config).", min=2
+    )
     dtype: str = option("auto", "auto (float32 on CPU, bfloat16 on GPU), float32, float16, bfloat16.")
     device: str = option("auto", "auto (cuda if present, else cpu), cpu, cuda, cuda:1.")
     device_map: str | None = option(None, "Shard a model too big for one GPU (accelerate), e.g. auto.")
-    seed: int = option(0, "Seed for prompts, keys and sampling.")
+    seed: int = option(0, "Seed for prompts, keys and sampling.", min=0)
     output_dir: str | None = option(None, "Where results go (default: results/COMMAND/MODEL/TIMESTAMP).")
     resume: bool = option(False, "Skip cells already in --output-dir (or the latest run of this command and model).")
     settings: dict[str, Any] = field(default_factory=dict)  # LM-Infinite settings given by flags (lminf_eval.settings)
@@ -61,8 +63,8 @@ COMMON = tuple(f.name for f in fields(RunConfig) if f.metadata.get("help"))
 def read_config_file(path: str, allowed: set[str]) -> dict:
     """YAML mapping of option names (dashes or underscores) to values; keys outside `allowed` are errors."""
     file = Path(path)
-    if not file.exists():
-        raise UserError(f"config file {path} does not exist (shipped configs are in configs/)")
+    if not file.is_file():
+        raise UserError(f"config file {path} does not exist or is not a file (shipped configs are in configs/)")
     try:
         data = yaml.safe_load(file.read_text()) or {}
     except yaml.YAMLError as err:
@@ -100,7 +102,7 @@ def parse_lengths(spec: str | list, pretraining_length: int) -> list[int]:
                 out.append(int(float(item[:-1]) * 1024))
             else:
                 out.append(int(item))
-        except ValueError:
+        except (ValueError, OverflowError):
             raise UserError(
                 f"cannot parse length {item!r}: use token counts (4096,8192), 8k, or multiples (0.5x,2x)"
             ) from None

@@ -48,9 +48,14 @@ def _local_texts(path: Path, text_field: str):
             with file.open(encoding="utf-8") as fh:
                 for n, line in enumerate(fh):
                     if line.strip():
-                        record = json.loads(line)
-                        if text_field not in record:
+                        try:
+                            record = json.loads(line)
+                        except json.JSONDecodeError:
+                            raise UserError(f"{file}:{n + 1} is not valid JSON: fix or remove that line") from None
+                        if not isinstance(record, dict) or text_field not in record:
                             raise UserError(f"{file}:{n + 1} has no field {text_field!r}: pass --text-field")
+                        if not isinstance(record[text_field], str):
+                            raise UserError(f"{file}:{n + 1}: field {text_field!r} is not text")
                         yield f"{file.stem}:{n}", record[text_field]
         else:
             yield file.stem, file.read_text(encoding="utf-8", errors="replace")

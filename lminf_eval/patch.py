@@ -97,8 +97,6 @@ def apply_lm_infinite(
             f"unsupported architecture {getattr(config, 'model_type', type(model).__name__)!r}: "
             f"LM-Infinite supports {', '.join(sorted(FAMILIES))}"
         )
-    if getattr(model, "lm_infinite", None) is not None:
-        remove_lm_infinite(model)
     l_pre = pretraining_length_override or pretraining_length(config)
     settings = Settings.resolve(
         l_pre,
@@ -109,7 +107,9 @@ def apply_lm_infinite(
         top_k_from_layer=top_k_from_layer,
         top_k_distance=top_k_distance,
         backend=backend,
-    )
+    )  # (checked before an earlier patch is removed: a refused re-apply leaves the model as it was)
+    if getattr(model, "lm_infinite", None) is not None:
+        remove_lm_infinite(model)
     base = model.base_model
     patch = Patch(settings, position_encoding(model), l_pre)
     register_attention(IMPLEMENTATION, lambda_attention)
@@ -149,7 +149,9 @@ def remove_lm_infinite(model: nn.Module) -> nn.Module:
 def configure(model: nn.Module, **changes) -> None:
     """Change settings of an already patched model (e.g. the top-k options) without re-patching; checked as
     `apply_lm_infinite` checks them."""
-    patch: Patch = model.lm_infinite
+    patch: Patch | None = getattr(model, "lm_infinite", None)
+    if patch is None:
+        raise LMInfiniteError("configure() needs a patched model: call apply_lm_infinite first")
     patch.settings = patch.settings.replace(patch.pretraining_length, **changes)
 
 

@@ -14,9 +14,15 @@ from .results import to_markdown
 
 def load_run(path: Path) -> dict:
     file = path / "results.json" if path.is_dir() else path
-    if not file.exists():
+    if not file.is_file():
         raise UserError(f"{path} holds no results.json: pass a folder written by an lminf-eval command")
-    return json.loads(file.read_text())
+    try:
+        run = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        run = None
+    if not isinstance(run, dict) or "config" not in run:
+        raise UserError(f"{file} is not a complete results.json (cut short?): rerun the command with --resume")
+    return run
 
 
 def build_report(paths: list[Path]) -> str:

@@ -4,6 +4,7 @@ finishes; Ctrl-C and out-of-memory keep what finished; --resume skips it; ranks 
 from __future__ import annotations
 
 import os
+import re
 import signal
 import threading
 import time
@@ -73,6 +74,8 @@ def resolve_device(run_config: RunConfig) -> tuple[torch.device, str]:
     device = run_config.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device != "cpu" and not re.fullmatch(r"cuda(:\d+)?", device):
+        raise UserError(f"unsupported --device {device!r}: use auto, cpu, cuda or cuda:N")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError("--device cuda asked for, but no CUDA device is visible: use --device cpu")
     if device == "cuda" and int(os.environ.get("WORLD_SIZE", "1")) > 1:

@@ -94,9 +94,19 @@ def describe_default(name: str, overrides: dict | None = None) -> str:
     return str((overrides or {}).get(name, DEFAULTS[name]))
 
 
+def _number(value, name: str) -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise LMInfiniteError(f"{name} must be a number, got {value!r}") from None
+    if math.isnan(number) or isinstance(value, bool):
+        raise LMInfiniteError(f"{name} must be a number, got {value!r}")
+    return number
+
+
 def _count(value, default, name: str) -> int:
     value = default if value is None else value
-    if isinstance(value, float) and not value.is_integer():
+    if not _number(value, name).is_integer():
         raise LMInfiniteError(f"{name} must be a whole number, got {value}")
     if int(value) < 0:
         raise LMInfiniteError(f"{name} must be >= 0, got {value}")
@@ -108,8 +118,9 @@ def _length(value, default, name: str) -> float:
         value = default
     if value is None:
         raise LMInfiniteError(f"{name} is required for a model whose config has no pretraining length")
-    if isinstance(value, float) and math.isinf(value) and value > 0:
+    number = _number(value, name)
+    if math.isinf(number) and number > 0:
         return math.inf
-    if int(value) < 1:
+    if not number.is_integer() or number < 1:
         raise LMInfiniteError(f"{name} must be >= 1 (or inf), got {value}")
     return int(value)

@@ -29,11 +29,13 @@ if TYPE_CHECKING:
 console = Console(stderr=True)
 
 
-def option(default: Any, help: str) -> Any:
-    """A task flag: its default and its help line, declared on the task's `Options` dataclass."""
+def option(default: Any, help: str, min: int | None = None) -> Any:
+    """A flag: its default, its help line and, for a number, the least value it accepts (every int flag
+    declares one; the CLI refuses smaller values and values of the wrong type in one line)."""
+    metadata = {"help": help} if min is None else {"help": help, "min": min}
     if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata={"help": help})
-    return field(default=default, metadata={"help": help})
+        return field(default_factory=lambda: list(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
 
 
 @dataclass

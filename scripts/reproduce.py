@@ -19,6 +19,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import yaml
@@ -35,9 +36,35 @@ def load_profile(name: str) -> dict[str, list[str]]:
     return {step: shlex.split(command) for step, command in data["steps"].items()}
 
 
+def run_config(args: list[str]) -> dict:
+    """What a command line asks for, as the CLI resolves it (flag order, defaults and --config files
+    included), without where it writes."""
+    import typer
+
+    from lminf_eval.cli import app, collect
+    from lminf_eval.task import TASKS
+
+    name, *flags = args
+    ctx = typer.main.get_command(app).commands[name].make_context(name, flags)
+    out = collect(TASKS[name], ctx, dict(ctx.params)).to_dict()
+    return {k: v for k, v in out.items() if k not in ("argv", "output_dir", "resume")}
+
+
+def changed(folder: Path, args: list[str]) -> bool:
+    """Whether the profile now asks this step for something else than what its folder holds (folders written
+    before results.json kept the argv count as unchanged)."""
+    done = folder / "results.json"
+    argv = json.loads(done.read_text()).get("argv") if done.exists() else None
+    return argv is not None and run_config(_without_output(argv)[1:]) != run_config(args)
+
+
 def run_step(folder: Path, args: list[str]) -> None:
     done = folder / "results.json"
-    if done.exists() and json.loads(done.read_text()).get("status") == "complete":
+    if changed(folder, args):  # an edited profile reruns the step; the old folder is kept beside it
+        old = folder.with_name(f"{folder.name}.before-{time.strftime('%Y%m%d-%H%M%S')}")
+        folder.rename(old)
+        print(f"[rerun] {folder.name}: the profile changed (earlier results in {old.name})")
+    elif done.exists() and json.loads(done.read_text()).get("status") == "complete":
         print(f"[skip] {folder.name}: complete")
         return
     cmd = [sys.executable, "-m", "lminf_eval", *args, "--output-dir", str(folder)]
@@ -67,7 +94,7 @@ def collect(out: Path, profile: str, steps: dict[str, list[str]]) -> None:
         f"# Reproduction ({profile} profile)\n\nMachine: {platform.platform()}, {platform.processor() or 'cpu'}; "
         f"written by `python scripts/reproduce.py --profile {profile}`.\n"
     ]
-    for folder in sorted(p for p in out.iterdir() if (p / "results.json").exists()):
+    for folder in sorted(p for p in out.iterdir() if (p / "results.json").exists() and ".before-" not in p.name):
         res = json.loads((folder / "results.json").read_text())
         v = res["versions"]
         if "argv" in res:

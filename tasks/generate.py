@@ -31,7 +31,7 @@ def score(hypotheses: list[str], references: list[str]) -> dict:
 
 @dataclass
 class GenerationOptions:
-    new_tokens: int = option(100, "Tokens generated and scored after each position.")
+    new_tokens: int = option(100, "Tokens generated and scored after each position.", min=1)
 
 
 @register_task

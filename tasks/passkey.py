@@ -69,9 +69,9 @@ def first_integer(text: str) -> str | None:
 @dataclass
 class PasskeyOptions:
     depths: str | None = option(None, "Needle depths to sweep, e.g. 0,0.25,0.5,0.75,1 (default: uniform random).")
-    num_samples: int = option(4, "Prompts per length (and depth).")
-    distractors: int = option(0, "Decoy needles with other names and numbers.")
-    new_tokens: int = option(10, "Tokens generated for the answer.")
+    num_samples: int = option(4, "Prompts per length (and depth).", min=1)
+    distractors: int = option(0, "Decoy needles with other names and numbers.", min=0)
+    new_tokens: int = option(10, "Tokens generated for the answer.", min=1)
 
 
 @register_task

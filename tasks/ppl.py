@@ -52,7 +52,7 @@ def strided_nll(model, ids: torch.Tensor, window: int) -> torch.Tensor:
 
 @dataclass
 class PerplexityOptions:
-    bucket_size: int | None = option(None, "Positions averaged for each milestone (default: L_pre/8).")
+    bucket_size: int | None = option(None, "Positions averaged for each milestone (default: L_pre/8).", min=1)
     log_x: bool = option(False, "Log-scale position axis in the NLL plot.")
 
 
@@ -101,6 +101,11 @@ class Perplexity(Task):
     def bucket(self) -> int:
         return self.options.bucket_size or max(1, self.ctx.l_pre // 8)
 
+    @staticmethod
+    def _lengths(rows, label: str) -> np.ndarray:
+        """Targets scored per document of `label`, in `curves`' row order."""
+        return np.array([len(r["nll"]) for r in ok_rows(rows) if "nll" in r and r["cell"]["method"] == label])
+
     def curves(self, rows) -> dict[str, np.ndarray]:
         """method -> [docs, positions] NLL matrix, NaN past each document's end (target position p = index+1)."""
         by: dict[str, list] = {}
@@ -125,19 +130,25 @@ class Perplexity(Task):
         metrics = {}
         for label, mat in self.curves(rows).items():
             metrics[label] = {}
+            n_targets = self._lengths(rows, label)
             for length in lengths:
                 lo, hi = max(0, length - b - 1), length - 1  # targets length-b .. length-1
-                reach = mat.shape[1] >= hi
-                vals = mat[:, lo:hi] if reach else np.empty((0, 0))
-                vals = vals[~np.isnan(vals).any(axis=1)] if vals.size else vals
-                if vals.size:
-                    mean = float(vals.mean())
-                    nll_tab[label, length] = mean
-                    ppl[label, length] = math.exp(min(mean, 700))
-                    metrics[label][str(length)] = {"ppl": ppl[label, length], "nll": mean, "docs": int(vals.shape[0])}
-            overall = float(np.nanmean(mat))
+                vals = mat[n_targets >= hi, lo:hi]  # the documents that reach `length`
+                if not vals.size:
+                    continue
+                bad = int(np.isnan(vals).any(axis=1).sum())  # non-finite NLL (stored as null)
+                if bad:  # marked, not dropped: methods are never compared on different documents
+                    ppl[label, length] = nll_tab[label, length] = "NaN"
+                    metrics[label][str(length)] = {"ppl": None, "nll": None, "docs": int(len(vals)), "non_finite": bad}
+                    continue
+                mean = float(vals.mean())
+                nll_tab[label, length] = mean
+                ppl[label, length] = math.exp(min(mean, 700))
+                metrics[label][str(length)] = {"ppl": ppl[label, length], "nll": mean, "docs": int(len(vals))}
+            inside = np.arange(mat.shape[1])[None, :] < n_targets[:, None]
+            overall = float(np.nanmean(mat)) if not np.isnan(mat[inside]).any() else "NaN"
             nll_tab[label, "overall"] = overall
-            ppl[label, "overall"] = math.exp(min(overall, 700))
+            ppl[label, "overall"] = math.exp(min(overall, 700)) if overall != "NaN" else "NaN"
             metrics[label]["overall"] = {"ppl": ppl[label, "overall"], "nll": overall}
         cols = [*lengths, "overall"]
         tables = {

@@ -55,8 +55,8 @@ def stream_nll(model, ids: torch.Tensor, chunk: int, report_every: int) -> dict:
 
 @dataclass
 class StreamOptions:
-    stream_tokens: int = option(100_000, "Tokens in the stream (documents cycled if the corpus is shorter).")
-    chunk_size: int | None = option(None, "Tokens per forward (default: L_pre).")
+    stream_tokens: int = option(100_000, "Tokens in the stream (documents cycled if the corpus is shorter).", min=2)
+    chunk_size: int | None = option(None, "Tokens per forward (default: L_pre).", min=1)
 
 
 @register_task
@@ -74,8 +74,6 @@ class Stream(Task):
             settings = ctx.settings[m.label]
             if settings is None or not settings.bounded:
                 raise UserError(f"stream needs a bounded method (lm-infinite, window, lambda-only), not {m.label!r}")
-        if self.options.stream_tokens < 2:
-            raise UserError("--stream-tokens must be at least 2")
         docs = load_documents(
             run_config.dataset, ctx.tokenizer, 10**9, 2, 10**9, run_config.text_field, run_config.split
         )

@@ -20,7 +20,7 @@ from .base import method_table, ok_rows, truncated
 
 @dataclass
 class TimingOptions:
-    new_tokens: int = option(16, "Decoding steps timed.")
+    new_tokens: int = option(16, "Decoding steps timed.", min=1)
 
 
 @register_task

@@ -540,3 +540,101 @@ def test_resume_retries_oom_cells(tiny, tmp_path, monkeypatch):
     assert run(tiny, *args, "--resume", out=tmp_path).exit_code == 0
     results, _ = load(tmp_path)
     assert results["cells"]["oom"] == 0 and pd.read_csv(tmp_path / "ppl.csv", index_col=0).notna().all().all()
+
+
+def test_non_finite_nll_marks_the_cell_instead_of_dropping_the_document():
+    """A document with a non-finite NLL (stored as null) makes its cells NaN: no method's number may come from
+    fewer documents than another's."""
+    methods = parse_methods(["vanilla", "lm-infinite"])
+    run_config = SimpleNamespace(options=PerplexityOptions(bucket_size=2))
+    task = Perplexity(SimpleNamespace(lengths=[4, 8], l_pre=8, methods=methods, run_config=run_config))
+    rows = [
+        {"cell": {"method": m, "doc": d}, "status": "ok", "nll": nll}
+        for m, bad in (("vanilla", None), ("lm-infinite", 7))
+        for d, nll in (("a", [1, 2, 3, 4, 5, 6, 7]), ("b", [3, 3, 5, 6, 2, 2, bad or 4]))
+    ]
+    metrics, tables = task.summarize(rows)
+    ppl = tables["ppl"]
+    assert ppl.loc["vanilla", "8"] == pytest.approx(math.exp((6 + 7 + 2 + 4) / 4))
+    rows[-1]["nll"][-1] = None  # lm-infinite, document b, target 7: non-finite
+    metrics, tables = task.summarize(rows)
+    assert tables["ppl"].loc["lm-infinite", "8"] == "NaN" and tables["ppl"].loc["lm-infinite", "overall"] == "NaN"
+    assert tables["ppl"].loc["lm-infinite", "4"] == pytest.approx(ppl.loc["vanilla", "4"])  # (bucket 2..3: finite)
+    assert metrics["lm-infinite"]["8"]["non_finite"] == 1
+
+
+def _flag_cases():
+    """(command, flag, bad value) for every int flag of every command: one below its declared minimum, and text."""
+    from lminf_eval.cli import _declared, _strip_none
+    from lminf_eval.settings import NAMES
+    from lminf_eval.task import TASKS
+
+    cases = []
+    for command, task_type in sorted(TASKS.items()):
+        for name, (kind, minimum) in _declared(task_type).items():
+            if _strip_none(kind) is int and name not in NAMES:  # (settings are checked by Settings.resolve)
+                assert minimum is not None, f"{command} --{name} declares no least value: option(..., min=)"
+                cases += [(command, name, minimum - 1), (command, name, "abc")]
+    return cases
+
+
+def test_every_numeric_flag_refuses_bad_values_in_one_line(tiny, tmp_path):
+    """Generated: a new int flag without a declared minimum fails here; each bad value, on the command line or
+    in a --config file, is one line, exit 2, and no folder is written."""
+    for command, name, bad in _flag_cases():
+        config = tmp_path / "bad.yaml"
+        config.write_text(f"{name}: {bad}\n")
+        for args in ([f"--{name.replace('_', '-')}", str(bad)], ["--config", str(config)]):
+            if bad == "abc" and args[0] != "--config":
+                continue  # (typer itself refuses text for an int flag, with its usage text)
+            res = run(tiny, command, *args, out=tmp_path / "out")
+            lines = res.stderr.strip().splitlines()
+            assert res.exit_code == 2 and len(lines) == 1 and f"--{name.replace('_', '-')}" in lines[0], (
+                command,
+                args,
+                res.output,
+            )
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_files_and_values_are_one_line_errors(tiny, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    jsonl = {
+        "not-json.jsonl": '{"text": "fine"}\n{"text": \n',
+        "not-object.jsonl": "[1, 2]\n",
+        "not-text.jsonl": '{"text": 5}\n',
+    }
+    for name, content in jsonl.items():
+        (tmp_path / name).write_text(content)
+    truncated = tmp_path / "truncated"
+    truncated.mkdir()
+    (truncated / "results.json").write_text('{"command": "ppl", "config": {')
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "results.json").write_text("")
+    (tmp_path / "a-file").write_text("x")
+    cases = {
+        "config is a folder": (["ppl", "--config", str(tmp_path)], "not a file"),
+        "lengths infx": (["ppl", "--lengths", "infx"], "cannot parse length"),
+        "n_global=inf": (["ppl", "--method", "lm-infinite:n_global=inf"], "whole number"),
+        "device foo": (["ppl", "--device", "foo"], "unsupported --device"),
+        "device mps": (["ppl", "--device", "mps"], "unsupported --device"),
+        "output-dir a file": (["ppl", "--output-dir", str(tmp_path / "a-file")], "cannot write"),
+        **{f"jsonl {n}": (["ppl", "--dataset", str(tmp_path / n)], n.split(".")[0].replace("-", " ")) for n in jsonl},
+        "report truncated": (["report", str(truncated)], "not a complete results.json"),
+        "report empty": (["report", str(tmp_path / "empty")], "not a complete results.json"),
+    }
+    for case, (args, expected) in cases.items():
+        full = [*args] if args[0] == "report" else [*args, "--model", str(tiny.model), "--n-global", "4"]
+        if args[0] != "report" and "--dataset" not in args:
+            full += ["--dataset", str(tiny.data)]
+        if args[0] != "report" and "--output-dir" not in args:
+            full += ["--output-dir", str(tmp_path / "out")]
+        res = runner.invoke(app, full)
+        lines = res.stderr.strip().splitlines()
+        message = {"not json": "not valid JSON", "not object": "has no field", "not text": "is not text"}
+        expected = message.get(expected, expected)
+        assert res.exit_code == 2 and len(lines) == 1 and expected in lines[0], (case, res.output)
+    good = tmp_path / "good"
+    assert run(tiny, "ppl", "--lengths", "1x", "--num-docs", "1", out=good).exit_code == 0
+    res = runner.invoke(app, ["report", str(good), "--output", str(tmp_path)])
+    assert res.exit_code == 2 and "cannot write" in res.stderr

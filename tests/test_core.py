@@ -321,3 +321,18 @@ def test_mpt_slopes_are_the_ones_its_forward_uses():
     vanilla = logits(model, ids)
     apply_lm_infinite(model, n_global=G)
     torch.testing.assert_close(logits(model, ids), vanilla, atol=ATOL, rtol=0)
+
+
+def test_bad_settings_leave_the_model_as_it_was():
+    """Non-numeric, NaN and negative values are refused in one line; a refused re-apply keeps the old patch;
+    configure() on an unpatched model says so."""
+    model = tiny_model("llama")
+    for bad in ({"n_global": float("nan")}, {"n_local": "wide"}, {"limit_distance": -4}, {"top_k_from_layer": -1}):
+        with pytest.raises(LMInfiniteError):
+            apply_lm_infinite(model, **bad)
+    with pytest.raises(LMInfiniteError, match="patched"):
+        lminf_eval.configure(model, top_k=2)
+    apply_lm_infinite(model, n_global=3)
+    with pytest.raises(LMInfiniteError):
+        apply_lm_infinite(model, n_global=40, n_local=8)
+    assert model.lm_infinite.settings.n_global == 3 and model.config._attn_implementation == "lm_infinite"

@@ -119,3 +119,19 @@ def test_reproduction_profiles_parse(profile, monkeypatch):
         for method in parse_methods(run_config.method):
             method.settings(4096, TASKS[name].settings_defaults, run_config.settings)
         assert run_config.command == name, step
+
+
+def test_reproduce_reruns_a_step_whose_command_changed(tmp_path, monkeypatch):
+    """A step is skipped only while its folder holds what the profile asks for; flag order does not matter."""
+    spec = importlib.util.spec_from_file_location("reproduce", REPO_ROOT / "scripts" / "reproduce.py")
+    reproduce = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(reproduce)
+    monkeypatch.chdir(REPO_ROOT)
+    step = ["ppl", "--model", "tiny-rope", "--lengths", "1x,2x", "--num-docs", "2"]
+    argv = ["lminf-eval", "ppl", "--num-docs", "2", "--lengths", "1x,2x", "--model", "tiny-rope"]
+    (tmp_path / "results.json").write_text(json.dumps({"argv": [*argv, "--output-dir", "x", "--resume"]}))
+    assert not reproduce.changed(tmp_path, step)
+    assert reproduce.changed(tmp_path, [*step, "--n-global", "5"])
+    assert reproduce.changed(tmp_path, ["ppl", "--model", "tiny-rope", "--lengths", "1x,4x", "--num-docs", "2"])
+    (tmp_path / "results.json").write_text(json.dumps({"command": "ppl"}))  # older folders: no argv kept
+    assert not reproduce.changed(tmp_path, [*step, "--n-global", "5"])
