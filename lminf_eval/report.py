@@ -25,10 +25,19 @@ def load_run(path: Path) -> dict:
     return run
 
 
+def status_line(path: Path, run: dict) -> str:
+    """How complete a run is: its status, finished of planned cells, out-of-memory cells."""
+    cells = run.get("cells", {})
+    planned = f" of {cells['planned']}" if "planned" in cells else ""
+    return f"- {path}: {run.get('status', '?')}, {cells.get('total', '?')}{planned} cells, {cells.get('oom', 0)} OOM"
+
+
 def build_report(paths: list[Path]) -> str:
     groups: dict[tuple, list[pd.DataFrame]] = {}
+    statuses = []
     for path in paths:
         run = load_run(path)
+        statuses.append(status_line(path, run))
         config = run["config"]
         for name, split in run.get("tables", {}).items():
             df = pd.DataFrame(split["data"], index=split["index"], columns=split["columns"])
@@ -37,7 +46,7 @@ def build_report(paths: list[Path]) -> str:
             groups.setdefault((run["command"], config["dataset"], name), []).append(df)
     if not groups:
         raise UserError("no tables found in the given results folders")
-    parts = []
+    parts = ["\n".join(statuses)]
     for (command, dataset, name), frames in groups.items():
         parts.append(f"### {command}: {name} ({dataset})\n\n{to_markdown(pd.concat(frames))}")
     return "\n\n".join(parts)

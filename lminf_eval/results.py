@@ -164,6 +164,8 @@ class RunDir:
     def record(self, key: dict, status: str, seconds: float, result: dict | None = None) -> None:
         """One line, written in one call and flushed to disk before the next cell starts."""
         row = {"cell": key, "status": status, "seconds": round(seconds, 3), **(result or {})}
+        if self.world > 1:
+            row["rank"] = self.rank
         try:
             with self.samples_file.open("a") as fh:
                 fh.write(json.dumps(row) + "\n")

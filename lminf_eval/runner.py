@@ -28,13 +28,14 @@ from .results import RunDir, cell_id, default_output_dir, earlier_runs, format_n
 from .task import Cell, Context, Task, console
 
 
-def distributed() -> tuple[int, int]:
-    """(rank, world) under `accelerate launch`; (0, 1) otherwise."""
+def distributed(device: str) -> tuple[int, int]:
+    """(rank, world) under `torchrun` / `accelerate launch`; (0, 1) otherwise. On CPU the processes form a
+    gloo group (without `cpu=True` each would run every cell alone)."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return 0, 1
     from accelerate import PartialState
 
-    state = PartialState()
+    state = PartialState(cpu=device == "cpu" or (device == "auto" and not torch.cuda.is_available()))
     return state.process_index, state.num_processes
 
 
@@ -99,7 +100,7 @@ def is_oom(err: BaseException) -> bool:
 def execute(task_type: type[Task], run_config: RunConfig) -> Path:
     """Run every cell of `task_type` for `run_config` (resuming if asked), then write results.json and tables.
     Nothing is written before every input has been checked and the first cell is about to start."""
-    rank, world = distributed()
+    rank, world = distributed(run_config.device)
     methods = parse_methods(run_config.method)  # fail fast on a typo, before a model loads
     check_dataset(run_config.dataset, run_config.text_field, run_config.split)
     device, dtype = resolve_device(run_config)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import shlex
 import shutil
@@ -87,6 +88,11 @@ def _without_output(argv: list[str]) -> list[str]:
     return out
 
 
+def _shown(folder: Path) -> Path:
+    """A folder as TABLES.md names it: relative to the repository when inside it."""
+    return folder.relative_to(ROOT) if folder.resolve().is_relative_to(ROOT) else folder
+
+
 def collect(out: Path, profile: str, steps: dict[str, list[str]]) -> None:
     """TABLES.md: every table, each under the command that made it (results.json's argv), plus machine and
     versions."""
@@ -106,7 +112,7 @@ def collect(out: Path, profile: str, steps: dict[str, list[str]]) -> None:
         parts.append(
             f"## {folder.name}\n\n`{command}`"
             f" ({res['status']}; {res['wall_seconds']:.0f} s on {res['device']}; torch {v['torch']}, "
-            f"transformers {v['transformers']}, git {res['git']})\n\n{build_report([folder])}\n"
+            f"transformers {v['transformers']}, git {res['git']})\n\n{build_report([_shown(folder)])}\n"
         )
     (out / "TABLES.md").write_text("\n".join(parts))
     print(f"tables: {out / 'TABLES.md'}")
@@ -118,7 +124,8 @@ def main() -> None:
     parser.add_argument("--only", help="run only steps whose folder name contains this")
     parser.add_argument("--out", type=Path, help="results folder (default: results/paper/PROFILE)")
     args = parser.parse_args()
-    out = args.out or ROOT / "results" / "paper" / args.profile
+    os.chdir(ROOT)  # (step commands and TABLES.md name paths relative to the repository)
+    out = (args.out or ROOT / "results" / "paper" / args.profile).resolve()
     out.mkdir(parents=True, exist_ok=True)
     steps = load_profile(args.profile)
     for name, command in steps.items():

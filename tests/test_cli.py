@@ -162,6 +162,7 @@ def test_report_reads_runs(tiny, tmp_path):
     assert res.exit_code == 0, res.output
     text = (tmp_path / "report.md").read_text()
     assert "### ppl: ppl" in text and "| lm-infinite |" in text
+    assert f"- {out}: complete, 2 of 2 cells, 0 OOM" in text
 
 
 def test_config_file_and_flag_precedence(tiny, tmp_path):
@@ -330,37 +331,13 @@ def test_lengths_inside_the_window_warn(tiny, tmp_path):
     assert res.exit_code == 0 and "warning" in res.stderr and "within the pretraining length" in res.stderr
 
 
-def test_accelerate_two_processes_split_and_merge(tiny, tmp_path):
-    args = [
-        "ppl",
-        "--model",
-        tiny.model,
-        "--dataset",
-        tiny.data,
-        "--n-global",
-        "4",
-        "--lengths",
-        "1x,4x",
-        "--num-docs",
-        "3",
-    ]
+def test_two_cpu_processes_split_the_cells_and_merge(tiny, tmp_path):
+    """torchrun with 2 CPU processes: a real group, the 6 cells split 3 + 3, one merged folder, and the tables of
+    one process."""
+    args = ["ppl", "--model", tiny.model, "--dataset", tiny.data, "--n-global", "4", "--lengths", "1x,4x"]
+    args += ["--num-docs", "3"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parent)}
-    launch = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--num_processes",
-        "2",
-        "--cpu",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "-m",
-        "lminf_eval",
-    ]
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "lminf_eval"]
     done = subprocess.run(
         [*launch, *map(str, args), "--output-dir", str(tmp_path / "two")],
         env=env,
@@ -373,6 +350,7 @@ def test_accelerate_two_processes_split_and_merge(tiny, tmp_path):
     assert res.exit_code == 0
     two, one = load(tmp_path / "two"), load(tmp_path / "one")
     assert len(two[1]) == len(one[1]) == 6 and not list((tmp_path / "two").glob("samples.rank*"))
+    assert sorted(r["rank"] for r in two[1]) == [0, 0, 0, 1, 1, 1]  # each process ran its own half
     pd.testing.assert_frame_equal(
         pd.read_csv(tmp_path / "two" / "ppl.csv", index_col=0),
         pd.read_csv(tmp_path / "one" / "ppl.csv", index_col=0),
