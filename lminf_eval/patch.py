@@ -5,7 +5,8 @@ sits, the settings, the position encoding) and, when a cache is used, swaps in t
 RoPE families receive the `Forward` as the keyword argument `lm_infinite`, which transformers hands down to the
 attention function registered as "lm_infinite" (`lm_infinite_attention` -> `attention.kernel.lambda_attention`).
 MPT and Bloom compute attention inline and pass no keyword arguments down, so their attention modules get a
-small replacement forward built around the `Patch`, which reads the `Forward` the hook left in `Patch.current`.
+small replacement forward (`AlibiAttention`, holding the `Patch`), which reads the `Forward` the hook left in
+`Patch.current`.
 """
 
 from __future__ import annotations
@@ -116,16 +117,15 @@ def apply_lm_infinite(
     patch.saved_implementation = config._attn_implementation
     use_implementation(model, IMPLEMENTATION)
     if family == "alibi":
-        make_forward = _mpt_forward if config.model_type == "mpt" else _bloom_forward
         for module in model.modules():
             if _is_attention(module):
-                _set(patch, module, "forward", types.MethodType(make_forward(patch, config), module))
+                _set(patch, module, "forward", AlibiAttention(module, patch, config))
     if config.model_type == "gptj":
         rotary = base.rotary_emb
         patch.gptj_table = rotary.embed_positions
         _set(patch, rotary, "forward", types.MethodType(_gptj_rotary_forward, rotary))
-    patch.hooks.append(base.register_forward_pre_hook(_before_forward(model, base, patch), with_kwargs=True))
-    patch.hooks.append(base.register_forward_hook(_after_forward(patch), with_kwargs=True))
+    patch.hooks.append(base.register_forward_pre_hook(BeforeForward(model, patch), with_kwargs=True))
+    patch.hooks.append(base.register_forward_hook(AfterForward(patch), with_kwargs=True))
     model.lm_infinite = patch
     return model
 
@@ -217,14 +217,19 @@ def position_encoding(model: nn.Module) -> Rope | Alibi:
 
 
 # --- per-forward plan and cache --------------------------------------------------------------------
+# Hooks and replacement forwards are small objects holding what they read (not closures), so that
+# `copy.deepcopy` of a patched model gives a copy whose hooks read the copy's own patch and config.
 
 
-def _before_forward(model, base, patch: Patch):
-    signature = inspect.signature(base.forward)
-    cache_name = "cache" if "cache" in signature.parameters else "past_key_values"
-    num_layers = model.config.num_hidden_layers
+class BeforeForward:
+    """Pre-hook on the base model: builds this forward's `Forward` and swaps in the bounded cache."""
 
-    def hook(module, args, kwargs):
+    def __init__(self, model: nn.Module, patch: Patch):
+        self.config, self.patch = model.config, patch
+
+    def __call__(self, module, args, kwargs):
+        signature = inspect.signature(module.forward)
+        cache_name = "cache" if "cache" in signature.parameters else "past_key_values"
         bound = signature.bind_partial(*args, **kwargs).arguments
         bound.update(bound.pop("kwargs", {}))
         tokens = bound.get("input_ids")
@@ -233,11 +238,11 @@ def _before_forward(model, base, patch: Patch):
         mask = bound.get("attention_mask")
         cache = bound.get(cache_name, bound.get("past_key_values"))
         use_cache = bound.get("use_cache")
-        use_cache = model.config.use_cache if use_cache is None else use_cache
-        settings = patch.settings
+        use_cache = self.config.use_cache if use_cache is None else use_cache
+        settings = self.patch.settings
         fresh = cache is None or (type(cache) is DynamicCache and cache.get_seq_length() == 0)
         if use_cache and settings.bounded and fresh:
-            cache = LMInfiniteCache(num_layers, settings.n_global, settings.n_local)
+            cache = LMInfiniteCache(self.config.num_hidden_layers, settings.n_global, settings.n_local)
             bound.pop("past_key_values", None)
             bound[cache_name] = cache
         if isinstance(cache, LMInfiniteCache):
@@ -245,65 +250,70 @@ def _before_forward(model, base, patch: Patch):
         else:
             past = cache.get_seq_length() if isinstance(cache, Cache) else 0
             plan = Plan.from_mask(mask, batch, n_new, past, settings.n_global, tokens.device)
-        forward = Forward(plan, settings, patch.position)
+        forward = Forward(plan, settings, self.patch.position)
         bound["lm_infinite"] = forward
-        if FAMILIES[model.config.model_type] == "alibi":
-            patch.current = forward
+        if FAMILIES[self.config.model_type] == "alibi":
+            self.patch.current = forward
         return (), bound
 
-    return hook
 
+class AfterForward:
+    """Post-hook on the base model: the forward is over; the bounded cache updates its bookkeeping."""
 
-def _after_forward(patch: Patch):
-    def hook(module, args, kwargs, output):
-        patch.current = None
+    def __init__(self, patch: Patch):
+        self.patch = patch
+
+    def __call__(self, module, args, kwargs, output):
+        self.patch.current = None
         cache = getattr(output, "cache", None) or getattr(output, "past_key_values", None)
         if isinstance(cache, LMInfiniteCache):
             cache.end()
         return output
 
-    return hook
-
 
 # --- ALiBi families: replacement attention forwards --------------------------------------------------
 
 
-def _alibi_attention(patch: Patch, config, module, q, k, v, scaling) -> torch.Tensor:
-    """The registered attention function the model's implementation names, called as transformers would."""
-    attention = ALL_ATTENTION_FUNCTIONS[config._attn_implementation]
-    return attention(module, q, k, v, None, scaling=scaling, lm_infinite=patch.current)[0]  # [b, n, h, d]
+class AlibiAttention:
+    """The forward of an MPT or Bloom attention module, with attention through the registered function."""
 
+    def __init__(self, module: nn.Module, patch: Patch, config):
+        self.module, self.patch, self.config = module, patch, config
 
-def _mpt_forward(patch: Patch, config):
-    def forward(self, hidden_states, position_bias=None, cache=None, attention_mask=None, **kwargs):
+    def attend(self, q, k, v, scaling) -> torch.Tensor:
+        """The registered attention function the model's implementation names, called as transformers would."""
+        attention = ALL_ATTENTION_FUNCTIONS[self.config._attn_implementation]
+        return attention(self.module, q, k, v, None, scaling=scaling, lm_infinite=self.patch.current)[0]
+
+    def __call__(self, hidden_states, *args, **kwargs):
+        if self.config.model_type == "mpt":
+            return self.mpt(hidden_states, *args, **kwargs)
+        return self.bloom(hidden_states, *args, **kwargs)
+
+    def mpt(self, hidden_states, position_bias=None, cache=None, attention_mask=None, **kwargs):
+        m = self.module
         b, n = hidden_states.shape[:2]
-        qkv = self.Wqkv(hidden_states)
-        if self.clip_qkv:
-            qkv = qkv.clamp(min=-self.clip_qkv, max=self.clip_qkv)
-        q, k, v = (t.reshape(b, n, self.n_heads, self.head_dim).transpose(1, 2) for t in qkv.chunk(3, dim=2))
+        qkv = m.Wqkv(hidden_states)
+        if m.clip_qkv:
+            qkv = qkv.clamp(min=-m.clip_qkv, max=m.clip_qkv)
+        q, k, v = (t.reshape(b, n, m.n_heads, m.head_dim).transpose(1, 2) for t in qkv.chunk(3, dim=2))
         if cache is not None:
-            k, v = cache.update(k, v, self.layer_idx)
-        out = _alibi_attention(patch, config, self, q, k, v, self.softmax_scale)
-        return self.out_proj(out.reshape(b, n, -1)), None
+            k, v = cache.update(k, v, m.layer_idx)
+        out = self.attend(q, k, v, m.softmax_scale)  # [b, n, h, d]
+        return m.out_proj(out.reshape(b, n, -1)), None
 
-    return forward
+    def bloom(self, hidden_states, residual, alibi=None, attention_mask=None, layer_past=None, **kwargs):
+        from transformers.models.bloom.modeling_bloom import dropout_add
 
-
-def _bloom_forward(patch: Patch, config):
-    from transformers.models.bloom.modeling_bloom import dropout_add
-
-    def forward(self, hidden_states, residual, alibi=None, attention_mask=None, layer_past=None, **kwargs):
+        m = self.module
         b, n = hidden_states.shape[:2]
         # Bloom fuses q, k, v per head: [b, n, heads * 3 * head_dim]
-        fused = self.query_key_value(hidden_states).view(b, n, self.num_heads, 3, self.head_dim)
+        fused = m.query_key_value(hidden_states).view(b, n, m.num_heads, 3, m.head_dim)
         q, k, v = (fused[..., i, :].transpose(1, 2) for i in range(3))
         if layer_past is not None:
-            k, v = layer_past.update(k, v, self.layer_idx)
-        out = _alibi_attention(patch, config, self, q, k, v, self.inv_norm_factor)
-        out = self.dense(out.reshape(b, n, -1))
-        return dropout_add(out, residual, self.hidden_dropout, self.training), None
-
-    return forward
+            k, v = layer_past.update(k, v, m.layer_idx)
+        out = m.dense(self.attend(q, k, v, m.inv_norm_factor).reshape(b, n, -1))
+        return dropout_add(out, residual, m.hidden_dropout, m.training), None
 
 
 def _gptj_rotary_forward(self, x: torch.Tensor, position_ids: torch.LongTensor):

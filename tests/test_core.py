@@ -336,3 +336,21 @@ def test_bad_settings_leave_the_model_as_it_was():
     with pytest.raises(LMInfiniteError):
         apply_lm_infinite(model, n_global=40, n_local=8)
     assert model.lm_infinite.settings.n_global == 3 and model.config._attn_implementation == "lm_infinite"
+
+
+@pytest.mark.parametrize("name", ["llama", "gptj", "mpt", "bloom"])
+def test_deepcopy_of_a_patched_model_is_its_own(name):
+    """The copy computes the same; configuring or removing the copy leaves the original as it was."""
+    import copy
+
+    model = apply_lm_infinite(tiny_model(name), n_global=G, **lm_kwargs(name))
+    ids = torch.randint(0, VOCAB, (1, 5 * L_PRE))
+    short = ids[:, :L_PRE]  # (vanilla GPT-J's sin/cos table ends at L_PRE)
+    ours, vanilla = logits(model, ids), logits(tiny_model(name), short)
+    twin = copy.deepcopy(model)
+    torch.testing.assert_close(logits(twin, ids), ours, atol=0, rtol=0)
+    lminf_eval.configure(twin, n_global=0)
+    assert (logits(twin, ids) - ours).abs().max() > 1e-3
+    remove_lm_infinite(twin)
+    torch.testing.assert_close(logits(twin, short), vanilla, atol=0, rtol=0)
+    torch.testing.assert_close(logits(model, ids), ours, atol=0, rtol=0)
