@@ -14,6 +14,7 @@ from itertools import groupby
 from pathlib import Path
 
 import torch
+from rich import box
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -127,7 +128,11 @@ def execute(task_type: type[Task], run_config: RunConfig) -> Path:
     cells = task.cells()
     fingerprint = _fingerprint(task, dtype)
     run.path = out or _resumable(run_config, fingerprint)
-    run.open(fingerprint, run_config.resume)
+    if rank == 0:  # rank 0 checks and locks the folder before any other rank writes into it
+        run.open(fingerprint, run_config.resume)
+    barrier(world)
+    if rank != 0:
+        run.open(fingerprint, run_config.resume)
     try:
         done = run.finished() if run_config.resume else set()
         mine = [c for i, c in enumerate(cells) if i % world == rank and cell_id(c.key) not in done]
@@ -261,10 +266,11 @@ def _jsonable(settings) -> dict | None:
 
 
 def print_table(name: str, df) -> None:
-    table = Table(title=name)
-    table.add_column(df.index.name or "")
+    """A results table on the terminal: borderless and tightly padded, so 8 lengths fit in 80 columns."""
+    table = Table(title=name, box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True, padding=(0, 1))
+    table.add_column(df.index.name or "", no_wrap=True)
     for col in df.columns:
-        table.add_column(str(col), justify="right")
+        table.add_column(str(col), justify="right", no_wrap=True)
     for idx, row in df.iterrows():
         table.add_row(str(idx), *[format_number(v) for v in row.tolist()])
     Console().print(table)

@@ -616,3 +616,19 @@ def test_bad_files_and_values_are_one_line_errors(tiny, tmp_path, monkeypatch):
     assert run(tiny, "ppl", "--lengths", "1x", "--num-docs", "1", out=good).exit_code == 0
     res = runner.invoke(app, ["report", str(good), "--output", str(tmp_path)])
     assert res.exit_code == 2 and "cannot write" in res.stderr
+
+
+def test_result_table_fits_80_columns(capsys, monkeypatch):
+    """`make demo`'s table (2 methods x 8 columns) reads on an 80-column terminal: no cell cut short."""
+    from lminf_eval.runner import print_table
+
+    df = pd.DataFrame(
+        [[70.48, 190.12, 270.77, 174.57, 266.4, 426.25, 596.13, 384.81], [70.48, 190.12, 133.89, 98.9] + [88.38] * 4],
+        index=pd.Index(["vanilla", "lm-infinite"], name="method"),
+        columns=["128", "256", "512", "1024", "2048", "4096", "8192", "overall"],
+    )
+    monkeypatch.setenv("COLUMNS", "80")
+    print_table("ppl", df)
+    out = capsys.readouterr().out
+    assert "…" not in out and "lm-infinite" in out and "overall" in out and "596.13" in out
+    assert max(len(line) for line in out.splitlines()) <= 80
