@@ -171,6 +171,8 @@ def load_model(name: str, dtype: str | torch.dtype = "float32", device: str = "c
                     kwargs["device_map"] = device_map
                 model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
                 tok = AutoTokenizer.from_pretrained(source)
+            except ValueError as err:  # e.g. a config that needs remote code, or an unknown model type
+                raise ModelError(f"cannot load model {name!r}: {str(err).splitlines()[0][:200]}") from None
             except OSError as err:
                 offline = not path.exists()
                 hint = (

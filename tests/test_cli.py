@@ -598,11 +598,14 @@ def test_bad_files_and_values_are_one_line_errors(tiny, tmp_path, monkeypatch):
         "device mps": (["ppl", "--device", "mps"], "unsupported --device"),
         "output-dir a file": (["ppl", "--output-dir", str(tmp_path / "a-file")], "cannot write"),
         **{f"jsonl {n}": (["ppl", "--dataset", str(tmp_path / n)], n.split(".")[0].replace("-", " ")) for n in jsonl},
+        "model folder without a model": (["ppl", "--model", str(tmp_path / "empty")], "cannot load model"),
         "report truncated": (["report", str(truncated)], "not a complete results.json"),
         "report empty": (["report", str(tmp_path / "empty")], "not a complete results.json"),
     }
     for case, (args, expected) in cases.items():
-        full = [*args] if args[0] == "report" else [*args, "--model", str(tiny.model), "--n-global", "4"]
+        full = [*args] if args[0] == "report" else [*args, "--n-global", "4"]
+        if args[0] != "report" and "--model" not in args:
+            full += ["--model", str(tiny.model)]
         if args[0] != "report" and "--dataset" not in args:
             full += ["--dataset", str(tiny.data)]
         if args[0] != "report" and "--output-dir" not in args:
