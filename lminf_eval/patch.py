@@ -11,6 +11,7 @@ small replacement forward (`AlibiAttention`, holding the `Patch`), which reads t
 
 from __future__ import annotations
 
+import copy
 import inspect
 import types
 from collections.abc import Callable
@@ -65,6 +66,7 @@ class Patch:
     saved_implementation: str | None = None
     hooks: list = field(default_factory=list)
     patched: list = field(default_factory=list)  # (object, attribute) pairs we set and must delete
+    shared_config: object = None  # the config the model had: it may be shared, so we patch a copy
     gptj_table: torch.Tensor | None = None
     current: Forward | None = None  # MPT/Bloom only: the running forward's `Forward` (see module docstring)
 
@@ -113,6 +115,7 @@ def apply_lm_infinite(
         remove_lm_infinite(model)
     base = model.base_model
     patch = Patch(settings, position_encoding(model), l_pre)
+    patch.shared_config, config = config, _own_config(model, config)
     register_attention(IMPLEMENTATION, lambda_attention)
     patch.saved_implementation = config._attn_implementation
     use_implementation(model, IMPLEMENTATION)
@@ -141,7 +144,7 @@ def remove_lm_infinite(model: nn.Module) -> nn.Module:
         delattr(obj, name)
     if patch.gptj_table is not None:  # the grown sin/cos table goes back to its original size
         model.base_model.rotary_emb.embed_positions = patch.gptj_table
-    use_implementation(model, patch.saved_implementation)
+    _own_config(model, patch.shared_config, swap_back=True)
     del model.lm_infinite
     return model
 
@@ -190,6 +193,17 @@ def _attention_function(kernel: Callable) -> Callable:
         return out.transpose(1, 2).contiguous(), None
 
     return attention
+
+
+def _own_config(model: nn.Module, config, swap_back: bool = False):
+    """Give every module of `model` that holds `config` a copy of it (or, `swap_back`, the original again):
+    selecting our attention is a config setting, and two models may share one config object."""
+    mine = config if swap_back else copy.deepcopy(config)
+    held = model.config
+    for module in model.modules():
+        if getattr(module, "config", None) is held:
+            module.config = mine
+    return mine
 
 
 def _set(patch: Patch, obj, name: str, value) -> None:

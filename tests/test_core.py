@@ -11,6 +11,7 @@ from reference import reference, reference_attention
 import lminf_eval
 from lminf_eval import LMInfiniteCache, LMInfiniteError, Settings, apply_lm_infinite, remove_lm_infinite
 from lminf_eval.attention import Plan, Rope, lambda_attention
+from lminf_eval.methods import allow_long_vanilla
 from models import FAMILY_NAMES, L_PRE, VOCAB, lm_kwargs, tiny_model
 
 ATOL = 1e-4
@@ -354,3 +355,22 @@ def test_deepcopy_of_a_patched_model_is_its_own(name):
     remove_lm_infinite(twin)
     torch.testing.assert_close(logits(twin, short), vanilla, atol=0, rtol=0)
     torch.testing.assert_close(logits(model, ids), ours, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["llama", "mpt"])
+def test_two_models_sharing_one_config_do_not_affect_each_other(name):
+    first = tiny_model(name)
+    second = type(first)(first.config).eval()
+    second.load_state_dict(first.state_dict())
+    assert second.config is first.config
+    allow_long_vanilla(second)  # (MPT's vanilla ALiBi table ends at L_PRE; this grows it in the shared config)
+    ids = torch.randint(0, VOCAB, (1, 5 * L_PRE))
+    vanilla = logits(second, ids)
+    apply_lm_infinite(first, n_global=G)
+    patched = logits(first, ids)
+    if name == "llama":  # (this tiny MPT's ALiBi decays so fast that LM-Infinite changes it by ~1e-6 only)
+        assert (patched - vanilla).abs().max() > 1e-3
+    torch.testing.assert_close(logits(second, ids), vanilla, atol=0, rtol=0)  # the other model is vanilla
+    remove_lm_infinite(first)
+    assert first.config is second.config
+    torch.testing.assert_close(logits(first, ids), vanilla, atol=0, rtol=0)
