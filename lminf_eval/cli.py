@@ -64,22 +64,13 @@ def collect(task_type: type[Task], ctx: typer.Context, flags: dict[str, Any]) ->
             values[name] = str(value) if isinstance(value, Path) else list(value) if isinstance(value, tuple) else value
     if config:
         argv += ["--config", str(config)]
+    declared = {name: (kind, minimum) for name, kind, _, minimum in _flags(task_type)}
     for name, value in list(values.items()):
-        values[name] = _checked(name, value, *_declared(task_type)[name])
+        values[name] = _checked(name, value, *declared[name])
     settings, values = split_settings(values)
     options = task_type.Options(**{k: values.pop(k) for k in option_names if k in values})
     values.setdefault("lengths", task_type.default_lengths)
     return RunConfig(command=task_type.name, settings=settings, options=options, argv=argv, **values)
-
-
-def _declared(task_type: type[Task]) -> dict[str, tuple[Any, int | None]]:
-    """Flag name -> (type, least value) for the task's command."""
-    out = {}
-    for cls in (RunConfig, task_type.Options):
-        hints = get_type_hints(cls)
-        out.update({f.name: (hints[f.name], f.metadata.get("min")) for f in fields(cls) if f.name in hints})
-    out.update({name: (str if name == "backend" else int, None) for name in SETTING_NAMES})
-    return out
 
 
 def _checked(name: str, value, kind, minimum: int | None):
@@ -120,21 +111,22 @@ def _fail(message: str, code: int = 2):
 # --- commands from the registry --------------------------------------------------------------------
 
 
-def _flags(task_type: type[Task]) -> list[tuple[str, Any, str]]:
-    """(name, type, help) of every flag of a task's command, help ending in the default that applies."""
+def _flags(task_type: type[Task]) -> list[tuple[str, Any, str, int | None]]:
+    """(name, type, help, least value) of every flag of a task's command, help ending in the default that
+    applies (LM-Infinite settings are range-checked by `Settings.resolve`)."""
     out = []
     hints = get_type_hints(RunConfig)
     for f in fields(RunConfig):
         if f.name in COMMON:
             default = task_type.default_lengths if f.name == "lengths" else _default(f)
-            out.append((f.name, hints[f.name], _with_default(f.metadata["help"], default)))
+            out.append((f.name, hints[f.name], _with_default(f.metadata["help"], default), f.metadata.get("min")))
     for name in SETTING_NAMES:
         default = describe_default(name, task_type.settings_defaults)
-        out.append((name, str if name == "backend" else int, _with_default(SETTING_HELP[name], default)))
+        out.append((name, str if name == "backend" else int, _with_default(SETTING_HELP[name], default), None))
     hints = get_type_hints(task_type.Options)
     for f in fields(task_type.Options):
-        out.append((f.name, hints[f.name], _with_default(f.metadata["help"], _default(f))))
-    out.append(("config", Path, "YAML file of flag: value pairs (configs/*.yaml hold the paper's runs)."))
+        out.append((f.name, hints[f.name], _with_default(f.metadata["help"], _default(f)), f.metadata.get("min")))
+    out.append(("config", Path, "YAML file of flag: value pairs (configs/*.yaml hold the paper's runs).", None))
     return out
 
 
@@ -159,10 +151,9 @@ def _command(task_type: type[Task]):
         run_task(task_type, ctx, flags)
 
     params = [inspect.Parameter("ctx", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=typer.Context)]
-    for name, kind, help in _flags(task_type):
-        is_bool = kind is bool
-        base = kind if not is_bool else bool
-        metavar = {str: "TEXT", int: "INT", Path: "PATH", list[str]: "METHOD"}.get(_strip_none(base))
+    for name, kind, help, _ in _flags(task_type):
+        is_bool, kind = kind is bool, _strip_none(kind)
+        metavar = {str: "TEXT", int: "INT", Path: "PATH", list[str]: "METHOD"}.get(kind)
         option = typer.Option(
             False if is_bool else None,
             "--" + name.replace("_", "-"),
@@ -170,7 +161,7 @@ def _command(task_type: type[Task]):
             show_default=False,
             metavar=metavar,
         )
-        annotation = bool if is_bool else (_strip_none(base) | None)
+        annotation = bool if is_bool else (kind | None)
         params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=annotation))
     command.__signature__ = inspect.Signature(params)
     command.__name__ = task_type.name

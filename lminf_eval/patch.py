@@ -240,11 +240,12 @@ class BeforeForward:
 
     def __init__(self, model: nn.Module, patch: Patch):
         self.config, self.patch = model.config, patch
+        self.signature = inspect.signature(model.base_model.forward)  # (read once: this runs every decode step)
+        self.cache_name = "cache" if "cache" in self.signature.parameters else "past_key_values"
 
     def __call__(self, module, args, kwargs):
-        signature = inspect.signature(module.forward)
-        cache_name = "cache" if "cache" in signature.parameters else "past_key_values"
-        bound = signature.bind_partial(*args, **kwargs).arguments
+        cache_name = self.cache_name
+        bound = self.signature.bind_partial(*args, **kwargs).arguments
         bound.update(bound.pop("kwargs", {}))
         tokens = bound.get("input_ids")
         tokens = tokens if tokens is not None else bound["inputs_embeds"]

@@ -79,8 +79,7 @@ def default_output_dir(command: str, model: str) -> Path:
 def earlier_runs(command: str, model: str) -> list[Path]:
     """Folders of earlier runs of this command and model that hold samples, newest first."""
     parent = default_output_dir(command, model).parent
-    runs = sorted((p for p in parent.glob("*") if any(p.glob("samples*.jsonl"))), reverse=True)
-    return runs if parent.exists() else []
+    return sorted((p for p in parent.glob("*") if any(p.glob("samples*.jsonl"))), reverse=True)
 
 
 def differences(recorded: dict, now: dict) -> list[str]:
@@ -126,15 +125,22 @@ class RunDir:
         for file in self.path.glob("samples*.jsonl"):
             _cut_torn_tail(file)
 
-    def _check(self, fingerprint: dict, resume: bool) -> None:
-        if not any(self.path.glob("samples*.jsonl")):
-            return
-        if not resume:
+    def refuse_results(self, resume: bool) -> bool:
+        """Whether the folder holds results; refused (one line) unless the run resumes."""
+        held = any(self.path.glob("samples*.jsonl"))
+        if held and not resume:
             raise UserError(f"{self.path} already holds results: pass --resume to continue it, or another --output-dir")
+        return held
+
+    def _check(self, fingerprint: dict, resume: bool) -> None:
+        if not self.refuse_results(resume):
+            return
         recorded = self.fingerprint()
-        if recorded is not None and differences(recorded, fingerprint):
-            diff = ", ".join(differences(recorded, fingerprint))
-            raise UserError(f"--resume: {self.path} holds a run with another {diff}: pass another --output-dir")
+        diff = differences(recorded, fingerprint) if recorded is not None else []
+        if diff:
+            raise UserError(
+                f"--resume: {self.path} holds a run with another {', '.join(diff)}: pass another --output-dir"
+            )
 
     def close(self) -> None:
         """Release the folder's lock."""

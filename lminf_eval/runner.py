@@ -106,8 +106,8 @@ def execute(task_type: type[Task], run_config: RunConfig) -> Path:
     check_dataset(run_config.dataset, run_config.text_field, run_config.split)
     device, dtype = resolve_device(run_config)
     out = chosen_output_dir(run_config, world)
-    if out is not None and not run_config.resume and rank == 0 and any(out.glob("samples*.jsonl")):
-        raise UserError(f"{out} already holds results: pass --resume to continue it, or another --output-dir")
+    if out is not None and rank == 0:  # (checked again under the folder's lock in `RunDir.open`)
+        RunDir(out).refuse_results(run_config.resume)
     torch.manual_seed(run_config.seed)
     model, tokenizer = load_model(run_config.model, dtype, str(device), run_config.device_map)
     l_pre = run_config.pretraining_length or pretraining_length_for(run_config.model)

@@ -543,13 +543,13 @@ def test_non_finite_nll_marks_the_cell_instead_of_dropping_the_document():
 
 def _flag_cases():
     """(command, flag, bad value) for every int flag of every command: one below its declared minimum, and text."""
-    from lminf_eval.cli import _declared, _strip_none
+    from lminf_eval.cli import _flags, _strip_none
     from lminf_eval.settings import NAMES
     from lminf_eval.task import TASKS
 
     cases = []
     for command, task_type in sorted(TASKS.items()):
-        for name, (kind, minimum) in _declared(task_type).items():
+        for name, kind, _, minimum in _flags(task_type):
             if _strip_none(kind) is int and name not in NAMES:  # (settings are checked by Settings.resolve)
                 assert minimum is not None, f"{command} --{name} declares no least value: option(..., min=)"
                 cases += [(command, name, minimum - 1), (command, name, "abc")]
@@ -595,6 +595,8 @@ def test_bad_files_and_values_are_one_line_errors(tiny, tmp_path, monkeypatch):
         "lengths infx": (["ppl", "--lengths", "infx"], "cannot parse length"),
         "n_global=inf": (["ppl", "--method", "lm-infinite:n_global=inf"], "whole number"),
         "device foo": (["ppl", "--device", "foo"], "unsupported --device"),
+        "backend fast": (["ppl", "--backend", "fast"], "unknown backend"),
+        "backend as a method option": (["ppl", "--method", "lm-infinite:backend=fast"], "unknown backend"),
         "device mps": (["ppl", "--device", "mps"], "unsupported --device"),
         "output-dir a file": (["ppl", "--output-dir", str(tmp_path / "a-file")], "cannot write"),
         **{f"jsonl {n}": (["ppl", "--dataset", str(tmp_path / n)], n.split(".")[0].replace("-", " ")) for n in jsonl},
