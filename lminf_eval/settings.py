@@ -1,8 +1,10 @@
-"""LM-Infinite's settings in one place: names, defaults, help, validation, and the backend that computes them.
+"""What a method computes, in one place: names, defaults, help, validation, and the backend that computes it.
 
 Every caller (the library's `apply_lm_infinite`, `configure`, the method presets, the CLI help) goes through
-`Settings.resolve`, so a default or a check is written once. A length given as `None` means "from the
-pretraining length L_pre"; `math.inf` switches the window or the ceiling off (the paper's ablations).
+`Settings.resolve`, so a default or a check is written once. A length given as `None` means its default, a
+string "L_pre" or "L_pre/4" is read against the pretraining length, and `math.inf` switches the window or the
+ceiling off (the paper's ablations). The peer methods are settings too (../shared/docs/methods.md): how far
+pairs are placed (`far_distance`), a log-n query scale, and transformers' own RoPE scaling (`rope_type`).
 """
 
 from __future__ import annotations
@@ -13,6 +15,10 @@ from dataclasses import asdict, dataclass, fields
 from .errors import UserError
 
 BACKENDS = ("auto", "blocks", "blocks-masked", "plain", "flex")
+# where a visible pair at or past the ceiling L is scored (rules in attention/plan.py `far_positions`)
+FAR_DISTANCES = ("ceiling", "cache", "grouped", "leaky")
+# transformers' rope_parameters types we set (none: the model's own)
+ROPE_TYPES = ("none", "linear", "dynamic", "yarn")
 
 
 class LMInfiniteError(UserError):
@@ -30,30 +36,48 @@ class Settings:
     top_k_from_layer: int  # first layer (0-based) using them
     top_k_distance: float  # the distance they are scored at
     backend: str  # which kernel computes the attention (see BACKEND_HELP)
+    far_distance: str  # where far pairs are scored (FAR_DISTANCES)
+    group_size: int  # grouped/leaky: far distances grow 1/group_size as fast
+    log_scale_base: float  # queries scaled by max(1, ln(i+1)/ln(base)); 0: off
+    rope_type: str  # transformers RoPE scaling set on the model (ROPE_TYPES)
+    rope_factor: float  # its factor s (1.0 with rope_type none)
 
     @classmethod
-    def resolve(cls, pretraining_length: int | None, **overrides) -> Settings:
-        """Defaults filled in and every value checked; `None` values mean the default. Raises LMInfiniteError."""
+    def resolve(cls, pretraining_length: int | None, target_length: int | None = None, **overrides) -> Settings:
+        """Defaults filled in and every value checked; `None` values mean the default. `target_length`: the
+        longest input the run reads, which the RoPE scaling factor defaults to (over L_pre). Raises
+        LMInfiniteError."""
         unknown = set(overrides) - set(DEFAULTS)
         if unknown:
             raise LMInfiniteError(f"unknown setting {sorted(unknown)[0]!r}: use {', '.join(DEFAULTS)}")
         value = {name: overrides.get(name) for name in DEFAULTS}
         l_pre = pretraining_length
+        rope_type = _choice(value["rope_type"], "rope_type", ROPE_TYPES)
         settings = cls(
             n_global=_count(value["n_global"], DEFAULTS["n_global"], "n_global"),
-            n_local=_length(value["n_local"], l_pre, "n_local"),
-            limit_distance=_length(value["limit_distance"], l_pre, "limit_distance"),
+            n_local=_length(value["n_local"], "L_pre", l_pre, "n_local"),
+            limit_distance=_length(value["limit_distance"], "L_pre", l_pre, "limit_distance"),
             top_k=_count(value["top_k"], DEFAULTS["top_k"], "top_k"),
             top_k_from_layer=_count(value["top_k_from_layer"], DEFAULTS["top_k_from_layer"], "top_k_from_layer"),
-            top_k_distance=_length(value["top_k_distance"], (l_pre or 2) // 2, "top_k_distance"),
-            backend=value["backend"] or DEFAULTS["backend"],
+            top_k_distance=_length(value["top_k_distance"], "L_pre/2", l_pre or 2, "top_k_distance"),
+            backend=_choice(value["backend"], "backend", BACKENDS),
+            far_distance=_choice(value["far_distance"], "far_distance", FAR_DISTANCES),
+            group_size=_count(value["group_size"], DEFAULTS["group_size"], "group_size"),
+            log_scale_base=_length(value["log_scale_base"], 0, l_pre, "log_scale_base", zero=True),
+            rope_type=rope_type,
+            rope_factor=_factor(value["rope_factor"], rope_type, l_pre, target_length),
         )
-        if settings.backend not in BACKENDS:
-            raise LMInfiniteError(f"unknown backend {settings.backend!r}: use {', '.join(BACKENDS)}")
         if settings.n_global > settings.n_local:
             raise LMInfiniteError(
                 f"n_global ({settings.n_global}) > n_local ({settings.n_local}): lower --n-global or raise --n-local"
             )
+        if settings.group_size < 1:
+            raise LMInfiniteError("group_size must be >= 1")
+        if settings.far_distance == "cache" and settings.limit_distance != settings.n_local:
+            # StreamingLLM: everything outside the window is re-indexed inside the cache
+            raise LMInfiniteError("far_distance=cache needs limit_distance equal to n_local (the window)")
+        if settings.log_scale_base == 1:
+            raise LMInfiniteError("log_scale_base must be 0 (off) or >= 2")
         return settings
 
     def replace(self, pretraining_length: int | None, **changes) -> Settings:
@@ -65,6 +89,12 @@ class Settings:
         """Whether a cache may drop keys: a finite window and no top-k (which needs the middle keys)."""
         return math.isfinite(self.n_local) and not self.top_k
 
+    @property
+    def changes_attention(self) -> bool:
+        """Whether attention differs from the model's own (else only the RoPE scaling, if any, is applied)."""
+        finite = math.isfinite(self.n_local) or math.isfinite(self.limit_distance)
+        return finite or bool(self.top_k) or bool(self.log_scale_base)
+
 
 # name -> default as the user reads it; "L_pre" and "L_pre/2" are resolved against the model
 DEFAULTS: dict[str, object] = {
@@ -75,6 +105,11 @@ DEFAULTS: dict[str, object] = {
     "top_k_from_layer": 4,
     "top_k_distance": "L_pre/2",
     "backend": "auto",
+    "far_distance": "ceiling",
+    "group_size": 8,
+    "log_scale_base": 0,
+    "rope_type": "none",
+    "rope_factor": "target/L_pre",
 }
 HELP = {
     "n_global": "Starting tokens every query sees.",
@@ -85,6 +120,13 @@ HELP = {
     "top_k_distance": "Distance the top-k middle tokens are scored at.",
     "backend": "Attention kernel: auto (flex on CUDA, blocks elsewhere), blocks (fused per query block), "
     "blocks-masked (the same without band calls), plain (blocks in plain fp32 math), flex (FlexAttention).",
+    "far_distance": "Where a visible pair at or past the ceiling is scored: ceiling (at L: LM-Infinite, ReRoPE), "
+    "cache (its index distance inside the kept cache: StreamingLLM), grouped (Self-Extend's grouped positions), "
+    "leaky (L + (d - L)/group_size: Leaky ReRoPE).",
+    "group_size": "grouped/leaky: far distances grow 1/group_size as fast (Self-Extend's G, Leaky ReRoPE's k).",
+    "log_scale_base": "Queries scaled by max(1, ln(i+1)/ln(base)) (ReRoPE's log-n scaling; 0: off).",
+    "rope_type": "transformers' RoPE scaling set on the model: none, linear (PI), dynamic (dynamic NTK), yarn.",
+    "rope_factor": "Its factor s (default: the run's longest length / L_pre, at least 1).",
 }
 NAMES = tuple(f.name for f in fields(Settings))
 
@@ -113,14 +155,39 @@ def _count(value, default, name: str) -> int:
     return int(value)
 
 
-def _length(value, default, name: str) -> float:
-    if value is None:
-        value = default
-    if value is None:
-        raise LMInfiniteError(f"{name} is required for a model whose config has no pretraining length")
+def _choice(value, name: str, choices: tuple) -> str:
+    value = DEFAULTS[name] if value is None else value
+    if value not in choices:
+        raise LMInfiniteError(f"unknown {name} {value!r}: use {', '.join(choices)}")
+    return value
+
+
+def _length(value, default, l_pre: int | None, name: str, zero: bool = False) -> float:
+    """A token count: a number, inf, or "L_pre" / "L_pre/N" read against the pretraining length."""
+    value = default if value is None else value
+    if isinstance(value, str) and value.startswith("L_pre"):
+        if l_pre is None:
+            raise LMInfiniteError(f"{name} is required for a model whose config has no pretraining length")
+        _, _, divisor = value.partition("/")
+        value = l_pre // int(divisor or 1)
     number = _number(value, name)
     if math.isinf(number) and number > 0:
         return math.inf
-    if not number.is_integer() or number < 1:
-        raise LMInfiniteError(f"{name} must be >= 1 (or inf), got {value}")
-    return int(value)
+    if not number.is_integer() or number < (0 if zero else 1):
+        raise LMInfiniteError(f"{name} must be >= {0 if zero else 1} (or inf), got {value}")
+    return int(number)
+
+
+def _factor(value, rope_type: str, l_pre: int | None, target_length: int | None) -> float:
+    if rope_type == "none":
+        if value not in (None, 1, 1.0):
+            raise LMInfiniteError("rope_factor needs a rope_type (linear, dynamic or yarn)")
+        return 1.0
+    if value is None:
+        if not (l_pre and target_length):
+            raise LMInfiniteError("rope_factor is required here: give it, e.g. rope_factor=4")
+        value = max(1.0, target_length / l_pre)
+    number = _number(value, "rope_factor")
+    if not 1 <= number < math.inf:
+        raise LMInfiniteError(f"rope_factor must be a number >= 1, got {value}")
+    return number

@@ -30,6 +30,30 @@ def reference(model):
         use_implementation(model, IMPLEMENTATION)
 
 
+def _halves(x: torch.Tensor, f: int, interleaved: bool):
+    if interleaved:
+        return x[..., 0 : 2 * f : 2], x[..., 1 : 2 * f : 2]
+    return x[..., :f], x[..., f : 2 * f]
+
+
+def _scores_at(q_raw, k_raw, d, inv, interleaved: bool) -> torch.Tensor:
+    """<R(d_ij) q_i, k_j> for every pair: sum over pairs f of cos(d theta_f)(qa ka + qb kb) +
+    sin(d theta_f)(qa kb - qb ka), plus the unrotated dims' plain product. In query chunks (memory)."""
+    f = inv.shape[0]
+    ka, kb = _halves(k_raw, f, interleaved)
+    rest = torch.einsum("bhid,bhjd->bhij", q_raw[..., 2 * f :], k_raw[..., 2 * f :])
+    step = max(1, (1 << 24) // (k_raw.shape[1] * k_raw.shape[2] * f))
+    d = d.expand(q_raw.shape[0], 1, q_raw.shape[2], k_raw.shape[2])
+    rows = []
+    for s in range(0, q_raw.shape[2], step):
+        qa, qb = _halves(q_raw[:, :, s : s + step], f, interleaved)
+        angle = d[:, :, s : s + step, :, None] * inv  # [b, 1, n, K, F]
+        same = torch.einsum("bhif,bhjf->bhijf", qa, ka) + torch.einsum("bhif,bhjf->bhijf", qb, kb)
+        cross = torch.einsum("bhif,bhjf->bhijf", qa, kb) - torch.einsum("bhif,bhjf->bhijf", qb, ka)
+        rows.append((angle.cos() * same + angle.sin() * cross).sum(-1))
+    return torch.cat(rows, 2) + rest
+
+
 def _rotate_pairs(x: torch.Tensor, angle: torch.Tensor, interleaved: bool) -> torch.Tensor:
     """Rotate the first 2*F dims of x by angle[..., F] (x and angle broadcast), the rest untouched."""
     f = angle.shape[-1]
@@ -46,6 +70,30 @@ def _rotate_pairs(x: torch.Tensor, angle: torch.Tensor, interleaved: bool) -> to
     return torch.cat((rot, x[..., 2 * f :]), dim=-1)
 
 
+def distance(i: torch.Tensor, j: torch.Tensor, settings) -> torch.Tensor:
+    """d(i, j) for every pair as methods.md section 1 states it, read literally from the method's definition."""
+    delta = i - j
+    L, G, rule = settings.limit_distance, settings.group_size, settings.far_distance
+    if not math.isfinite(L):
+        return delta
+    if rule == "ceiling":  # LM-Infinite, ReRoPE: min(delta, L)
+        far = torch.full_like(delta, float(L))
+    elif rule == "cache":  # StreamingLLM: the distance between slots of the cache the query sees
+        s, r = settings.n_global, int(settings.n_local)
+        t = torch.arange(int(max(i.max(), j.max())) + 1, dtype=i.dtype)
+        kept = (t < s) | ((t > i[..., None] - r) & (t <= i[..., None]))  # after token i: sinks + last r
+        slot = kept.cumsum(-1) - 1  # [b, 1, n, 1, T]: a kept token's slot = kept tokens before it
+        shape = (*delta.shape, t.shape[0])
+        slot_i = slot.gather(-1, i[..., None].long()).squeeze(-1)
+        slot_j = slot.expand(shape).gather(-1, j.clamp(min=0).long()[..., None].expand(*delta.shape, 1)).squeeze(-1)
+        far = slot_i - slot_j
+    elif rule == "grouped":  # Self-Extend: floor(i/G) - floor(j/G) + W - floor(W/G)
+        far = torch.floor(i / G) - torch.floor(j / G) + L - L // G
+    else:  # Leaky ReRoPE: L + (delta - L)/k
+        far = L + (delta - L) / G
+    return torch.where(delta >= L, far, delta)
+
+
 def reference_attention(query, key, value, plan, settings, position, scaling, layer_idx=0):
     """query [b, hq, n, d], key/value [b, hk, K, d] -> [b, hq, n, d]."""
     q, k, v = query.double(), key.double(), value.double()
@@ -55,27 +103,23 @@ def reference_attention(query, key, value, plan, settings, position, scaling, la
     j = plan.k_idx[:, None, None, :].double()  # [b, 1, 1, K]
     valid = plan.k_valid[:, None, None, :]
     dist = i - j
-    d_eff = torch.clamp(dist, min=0, max=settings.limit_distance)
+    d_eff = distance(i, j, settings).clamp(min=0)
     g, w = settings.n_global, settings.n_local
     visible = valid & (dist >= 0) & ((j < g) | (dist < w))
+    if settings.log_scale_base:  # ReRoPE's log-n scaling of the query
+        q = q * torch.clamp(torch.log(i + 1) / math.log(settings.log_scale_base), min=1.0)
 
     plain = torch.einsum("bhid,bhjd->bhij", q, k) * scaling
     if isinstance(position, Alibi):
         slopes = position.slopes.to(q.device).double().view(1, -1, 1, 1)
         scores = plain - slopes * d_eff
     else:
-        # method.md step 3: below the ceiling the ordinary rotated q.k; at or past it <R(L) q_raw, k_raw>
+        # method.md step 3, for every pair: <R(d) q_raw, k_raw>, rotating pair f by d * theta_f
         inv = position.inv_freq.to(q.device).double()
         il = position.interleaved
         q_raw = _rotate_pairs(q, -i * inv, il)  # undo each token's own rotation
         k_raw = _rotate_pairs(k, -plan.k_idx[:, None, :, None].double() * inv, il)
-        q_at_limit = _rotate_pairs(
-            q_raw,
-            torch.full_like(i, settings.limit_distance if math.isfinite(settings.limit_distance) else 0) * inv,
-            il,
-        )
-        far = torch.einsum("bhid,bhjd->bhij", q_at_limit, k_raw) * scaling
-        scores = torch.where(dist >= settings.limit_distance, far, plain)
+        scores = _scores_at(q_raw, k_raw, d_eff, inv, il) * scaling
 
     scores = scores.masked_fill(~visible, -math.inf)
     if settings.top_k and layer_idx >= settings.top_k_from_layer:

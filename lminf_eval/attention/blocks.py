@@ -24,7 +24,7 @@ import torch
 
 from ..settings import Settings
 from .merge import merge
-from .plan import Plan, alibi_bias, is_far, visible
+from .plan import Plan, alibi_bias, far_positions, is_far, visible
 from .positions import Alibi, Rope
 
 # Query rows per block: the CPU fused kernel runs best at ~1024 rows (measured here); at most w/4 rows leaves
@@ -43,8 +43,8 @@ class Layout:
     # or the additive ALiBi bias with -inf where not visible; None when no pair is visible
     far: torch.Tensor | None = None  # key slots past the ceiling for some query (RoPE)
     far_visible: torch.Tensor | None = None  # [b, 1, 1, n, len(far)]
-    q_turn: tuple | None = None  # rotation of the block's queries to position L
-    k_turn: tuple | None = None  # rotation of the far keys back to position 0
+    q_turn: tuple | None = None  # rotation of the block's queries to their far position (L for LM-Infinite)
+    k_turn: tuple | None = None  # rotation of the far keys to theirs (0)
 
     def nbytes(self) -> int:
         tensors = [self.keys, self.bias, self.far_visible, *(self.q_turn or ()), *(self.k_turn or ())]
@@ -133,7 +133,8 @@ def _layout(plan: Plan, first: int, s: int, e: int, settings: Settings, position
     seen = visible(dist, ki[:, None, :], kv[:, None, :], settings.n_global, w)
     if isinstance(position, Alibi):
         slopes = position.slopes.to(dist.device).view(1, -1, 1, 1)
-        bias = alibi_bias(slopes, dist[:, None], limit_distance).masked_fill_(~seen[:, None], -math.inf)
+        bias = alibi_bias(slopes, qi[:, None, :, None], ki[:, None, None, :], settings)
+        bias = bias.masked_fill_(~seen[:, None], -math.inf)
         return Layout(None, None, keys, bias.to(dtype))
     lay = Layout(band, mid, keys, bias=None)
     if math.isfinite(limit_distance):
@@ -142,8 +143,9 @@ def _layout(plan: Plan, first: int, s: int, e: int, settings: Settings, position
         if cols.numel():
             lay.far, lay.far_visible = keys[cols], far_pairs[:, None, None, :, cols]
             seen[:, :, cols] &= ~far_pairs[:, :, cols]
-            lay.q_turn = position.rotation(limit_distance - qi, dtype)
-            lay.k_turn = position.rotation(-ki[:, cols], dtype)
+            q_pos, k_pos = far_positions(qi, ki[:, cols], settings)
+            lay.q_turn = position.rotation(q_pos - qi, dtype)
+            lay.k_turn = position.rotation(k_pos - ki[:, cols], dtype)
     if bool(seen.any()) or (band is None and mid is None and lay.far is None):  # (a part for padding rows)
         lay.bias = seen[:, None]
     return lay

@@ -19,7 +19,7 @@ from torch.nn.attention.flex_attention import AuxRequest, create_block_mask, fle
 
 from ..settings import Settings
 from .merge import merge
-from .plan import Plan, alibi_bias, is_far, visible
+from .plan import Plan, alibi_bias, far_positions, is_far, visible
 from .positions import Alibi, Rope
 
 NO_LIMIT = 1 << 40  # stands in for an infinite window or ceiling in integer comparisons
@@ -72,15 +72,16 @@ def flex_attention_lambda(query, key, value, plan: Plan, settings: Settings, pos
         slopes = position.slopes.to(query.device, torch.float32)
 
         def score_mod(score, bi, h, q, k):
-            return score + alibi_bias(slopes[h], q_idx[bi, q] - k_idx[bi, k], limit_distance)
+            return score + alibi_bias(slopes[h], q_idx[bi, q], k_idx[bi, k], settings)
 
     out, aux = attend(
         query, key, value, score_mod, masks[0], scale=scaling, enable_gqa=True, return_aux=AuxRequest(lse=True)
     )
     if masks[1] is None:
         return out
-    q_far = position.rotate(query, limit_distance - q_idx)
-    k_far = position.rotate(key[:, :, :n_far], -k_idx[:, :n_far])
+    q_pos, k_pos = far_positions(q_idx, k_idx[:, :n_far], settings)
+    q_far = position.rotate(query, q_pos - q_idx)
+    k_far = position.rotate(key[:, :, :n_far], k_pos - k_idx[:, :n_far])
     out2, aux2 = attend(
         q_far, k_far, value[:, :, :n_far], None, masks[1], scale=scaling, enable_gqa=True,
         return_aux=AuxRequest(lse=True),

@@ -14,7 +14,7 @@ import torch
 from ..settings import Settings
 from . import blocks, flex
 from .blocks import _attend, _raw_scores
-from .plan import Plan, alibi_bias, is_far, visible
+from .plan import Plan, alibi_bias, far_positions, is_far, log_scale, visible
 from .positions import Alibi, Rope
 
 
@@ -37,6 +37,8 @@ def lambda_attention(
 ) -> torch.Tensor:
     """query [b, hq, Q, d], key/value [b, hk, K, d] -> output [b, hq, Q, dv] in query's dtype."""
     backend = backend_for(settings, query.device)
+    if settings.log_scale_base:
+        query = query * log_scale(plan.q_idx, settings.log_scale_base).to(query.dtype)[:, None, :, None]
     if backend == "flex":
         out = flex.flex_attention_lambda(query, key, value, plan, settings, position, scaling)
     else:
@@ -53,11 +55,13 @@ def _scores(q, k, qi, ki, kvalid, settings: Settings, position) -> torch.Tensor:
     limit_distance = settings.limit_distance
     s = _raw_scores(q, k, 1.0)
     if isinstance(position, Alibi):
-        s = s + alibi_bias(position.slopes.to(s.device).view(1, k.shape[1], -1, 1, 1), dist, limit_distance)
+        slopes = position.slopes.to(s.device).view(1, k.shape[1], -1, 1, 1)
+        s = s + alibi_bias(slopes, qi[:, None, None, :, None], ki[:, None, None, None, :], settings)
     elif math.isfinite(limit_distance):
         far = is_far(dist, limit_distance)
         if bool(far.any()):
-            s = torch.where(far, _raw_scores(position.rotate(q, limit_distance - qi), position.rotate(k, -ki), 1.0), s)
+            q_pos, k_pos = far_positions(qi, ki, settings)
+            s = torch.where(far, _raw_scores(position.rotate(q, q_pos - qi), position.rotate(k, k_pos - ki), 1.0), s)
     ki, kvalid = ki[:, None, None, None, :], kvalid[:, None, None, None, :]
     seen = visible(dist, ki, kvalid, settings.n_global, settings.n_local)
     return s.masked_fill_(~seen, -math.inf)

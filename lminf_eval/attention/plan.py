@@ -4,9 +4,10 @@ A `Plan` is built once per forward (from the padding mask, or by the bounded cac
 for each query and key slot, the index of its token among its row's real tokens, and which slots are real.
 Distances are counted in real tokens, so a padded row gets the logits it would get alone.
 
-The rules (../shared/docs/method.md): `visible` is the Λ-shaped mask; `is_far` says which visible pairs are
-scored at the ceiling (RoPE: the query re-rotated to L, the key to 0); `alibi_bias` is ALiBi's bias at the
-capped distance.
+The rules (../shared/docs/method.md, methods.md): `visible` is the Λ-shaped mask; `is_far` says which visible
+pairs are past the ceiling; `far_positions` says where such a pair is scored (RoPE: the query re-rotated to
+one position, the key to another; LM-Infinite puts them at L and 0); `alibi_bias` is ALiBi's bias at the
+distance so chosen; `log_scale` is the optional log-n query scale.
 """
 
 from __future__ import annotations
@@ -31,11 +32,36 @@ def is_far(dist, limit_distance):
     return dist >= limit_distance
 
 
-def alibi_bias(slopes, dist, limit_distance):
-    """ALiBi's additive bias at the capped distance min(dist, L)."""
-    if math.isfinite(limit_distance):
-        dist = torch.clamp(dist, max=int(limit_distance))
+def far_positions(q_idx, k_idx, settings):
+    """The positions a far pair (query at token q_idx, key at k_idx) is scored at; its distance is their
+    difference. Per `settings.far_distance` (L = limit_distance, G = group_size, methods.md section 2):
+    - ceiling: L and 0 (LM-Infinite, ReRoPE: every far pair at distance L);
+    - cache: the query's slot in the kept cache, min(i, g + w - 1), and the key's own j (StreamingLLM);
+    - grouped: floor(i/G) + L - floor(L/G) and floor(j/G) (Self-Extend, its window W = L);
+    - leaky: i/G + L - L/G and j/G, i.e. distance L + (d - L)/G (Leaky ReRoPE).
+    Works elementwise on tensors and inside a FlexAttention score_mod."""
+    rule, limit, group = settings.far_distance, settings.limit_distance, settings.group_size
+    if rule == "ceiling":
+        return q_idx * 0 + int(limit), k_idx * 0
+    if rule == "cache":
+        return torch.clamp(q_idx, max=settings.n_global + int(settings.n_local) - 1), k_idx
+    if rule == "grouped":
+        return q_idx // group + int(limit) - int(limit) // group, k_idx // group
+    return q_idx / group + limit - limit / group, k_idx / group
+
+
+def alibi_bias(slopes, q_idx, k_idx, settings):
+    """ALiBi's additive bias, -slope * distance, far pairs at the distance `far_positions` gives them."""
+    dist = q_idx - k_idx
+    if math.isfinite(settings.limit_distance):
+        q_pos, k_pos = far_positions(q_idx, k_idx, settings)
+        dist = torch.where(is_far(dist, settings.limit_distance), q_pos - k_pos, dist)
     return -slopes * dist
+
+
+def log_scale(q_idx: torch.Tensor, base: float) -> torch.Tensor:
+    """ReRoPE's / Self-Extend's log-n query scale max(1, ln(i + 1) / ln(base)) per query token."""
+    return torch.clamp(torch.log(q_idx.double() + 1) / math.log(base), min=1.0)
 
 
 @dataclass
