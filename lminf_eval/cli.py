@@ -18,9 +18,8 @@ import typer
 from . import tasks  # noqa: F401  (registers the built-in tasks)
 from .config import COMMON, RunConfig, read_config_file, split_settings
 from .errors import UserError
+from .settings import FLAG_NAMES, TEXT_NAMES, describe_default
 from .settings import HELP as SETTING_HELP
-from .settings import NAMES as SETTING_NAMES
-from .settings import describe_default
 from .task import TASKS, Task, load_plugins
 
 app = typer.Typer(
@@ -51,7 +50,7 @@ def collect(task_type: type[Task], ctx: typer.Context, flags: dict[str, Any]) ->
     """Command-line flags over `--config` values over defaults, split into common flags, settings, options."""
     config = flags.pop("config", None)
     option_names = [f.name for f in fields(task_type.Options)]
-    allowed = {*COMMON, *SETTING_NAMES, *option_names}
+    allowed = {*COMMON, *FLAG_NAMES, *option_names}
     file_values = read_config_file(str(config), allowed) if config else {}
     values, argv = {}, ["lminf-eval", task_type.name]
     for name, value in flags.items():
@@ -120,9 +119,9 @@ def _flags(task_type: type[Task]) -> list[tuple[str, Any, str, int | None]]:
         if f.name in COMMON:
             default = task_type.default_lengths if f.name == "lengths" else _default(f)
             out.append((f.name, hints[f.name], _with_default(f.metadata["help"], default), f.metadata.get("min")))
-    for name in SETTING_NAMES:
+    for name in FLAG_NAMES:
         default = describe_default(name, task_type.settings_defaults)
-        out.append((name, str if name == "backend" else int, _with_default(SETTING_HELP[name], default), None))
+        out.append((name, str if name in TEXT_NAMES else int, _with_default(SETTING_HELP[name], default), None))
     hints = get_type_hints(task_type.Options)
     for f in fields(task_type.Options):
         out.append((f.name, hints[f.name], _with_default(f.metadata["help"], _default(f)), f.metadata.get("min")))
@@ -203,6 +202,21 @@ def report(
             output.write_text(text + "\n")
         except OSError as err:
             _fail(f"cannot write {output} ({err.strerror}): pass a file path to --output")
+
+
+@app.command("methods")
+def methods():
+    """Every method --method accepts: what it does, its options (name:key=value) and their defaults, its source."""
+    from .methods import PRESETS, describe
+
+    for name, preset in PRESETS.items():
+        typer.echo(f"{name}\n  {preset.summary}" + (f"\n  source: {preset.source}" if preset.source else ""))
+        for option, default in describe(name):
+            typer.echo(f"  {option:<18} default {default:<14} {SETTING_HELP[option]}")
+    typer.echo(
+        "Any method takes any setting (e.g. lm-infinite:rope_type=yarn); lengths read L_pre (the pretraining "
+        "length), L_pre/N or L_pre-N, and 'inf' switches a window or ceiling off."
+    )
 
 
 def quiet_libraries() -> None:

@@ -11,7 +11,7 @@ from typing import Any
 import yaml
 
 from .errors import UserError
-from .settings import NAMES as SETTING_NAMES
+from .settings import FLAG_NAMES
 from .task import option
 
 
@@ -86,8 +86,8 @@ def read_config_file(path: str, allowed: set[str]) -> dict:
 
 def split_settings(values: dict) -> tuple[dict, dict]:
     """(LM-Infinite settings, everything else) from one flat mapping of option names."""
-    settings = {k: v for k, v in values.items() if k in SETTING_NAMES}
-    return settings, {k: v for k, v in values.items() if k not in SETTING_NAMES}
+    settings = {k: v for k, v in values.items() if k in FLAG_NAMES}
+    return settings, {k: v for k, v in values.items() if k not in FLAG_NAMES}
 
 
 def parse_lengths(spec: str | list, pretraining_length: int) -> list[int]:

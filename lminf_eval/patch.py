@@ -28,6 +28,7 @@ from .attention.kernel import lambda_attention
 from .attention.plan import Plan
 from .attention.positions import Alibi, Rope, bloom_slopes, gptj_inv_freq, mpt_slopes
 from .cache import LMInfiniteCache
+from .rope_scaling import apply_rope_scaling
 from .settings import LMInfiniteError, Settings
 
 IMPLEMENTATION = "lm_infinite"
@@ -61,8 +62,9 @@ class Patch:
     """What `apply_lm_infinite` changed on a model (`model.lm_infinite`), so `remove_lm_infinite` can undo it."""
 
     settings: Settings
-    position: Rope | Alibi
+    position: Rope | Alibi | None  # None: attention is the model's own (only a RoPE scaling was set)
     pretraining_length: int | None
+    undo_rope: Callable | None = None  # puts the rotary embedding back after `apply_rope_scaling`
     saved_implementation: str | None = None
     hooks: list = field(default_factory=list)
     patched: list = field(default_factory=list)  # (object, attribute) pairs we set and must delete
@@ -80,19 +82,13 @@ def pretraining_length(config) -> int | None:
 
 
 def apply_lm_infinite(
-    model: nn.Module,
-    n_global: int | None = None,
-    n_local: float | None = None,
-    limit_distance: float | None = None,
-    top_k: int | None = None,
-    top_k_from_layer: int | None = None,
-    top_k_distance: float | None = None,
-    backend: str | None = None,
-    pretraining_length_override: int | None = None,
+    model: nn.Module, pretraining_length_override: int | None = None, target_length: int | None = None, **settings
 ) -> nn.Module:
-    """Patch `model` in place and return it. Settings are described in `lminf_eval.settings` (`None`: the
-    default; lengths default to the pretraining length L_pre from the config; `math.inf` switches the window
-    or the ceiling off, for the ablations)."""
+    """Patch `model` in place and return it. `settings` are the fields of `lminf_eval.Settings` (help in
+    `lminf_eval.settings.HELP`; unset: the default, lengths from the pretraining length L_pre in the config;
+    `math.inf` switches the window or the ceiling off, for the ablations). The peer methods are settings too:
+    a RoPE scaling (`rope_type`) is set on the model first, and attention is replaced only where the settings
+    change it (`Settings.changes_attention`). `target_length`: the longest input, for the default rope_factor."""
     config = model.config
     family = FAMILIES.get(getattr(config, "model_type", None))
     if family is None:
@@ -101,20 +97,18 @@ def apply_lm_infinite(
             f"LM-Infinite supports {', '.join(sorted(FAMILIES))}"
         )
     l_pre = pretraining_length_override or pretraining_length(config)
-    settings = Settings.resolve(
-        l_pre,
-        n_global=n_global,
-        n_local=n_local,
-        limit_distance=limit_distance,
-        top_k=top_k,
-        top_k_from_layer=top_k_from_layer,
-        top_k_distance=top_k_distance,
-        backend=backend,
-    )  # (checked before an earlier patch is removed: a refused re-apply leaves the model as it was)
+    resolved = Settings.resolve(l_pre, target_length, **settings)
+    # (checked before an earlier patch is removed: a refused re-apply leaves the model as it was)
     if getattr(model, "lm_infinite", None) is not None:
         remove_lm_infinite(model)
+    patch = Patch(resolved, None, l_pre)
+    if resolved.rope_type != "none":
+        patch.undo_rope = apply_rope_scaling(model, resolved.rope_type, resolved.rope_factor, l_pre)
+    model.lm_infinite = patch
+    if not resolved.changes_attention:
+        return model
     base = model.base_model
-    patch = Patch(settings, position_encoding(model), l_pre)
+    patch.position = position_encoding(model)
     patch.shared_config, config = config, _own_config(model, config)
     register_attention(IMPLEMENTATION, lambda_attention)
     patch.saved_implementation = config._attn_implementation
@@ -129,7 +123,6 @@ def apply_lm_infinite(
         _set(patch, rotary, "forward", types.MethodType(_gptj_rotary_forward, rotary))
     patch.hooks.append(base.register_forward_pre_hook(BeforeForward(model, patch), with_kwargs=True))
     patch.hooks.append(base.register_forward_hook(AfterForward(patch), with_kwargs=True))
-    model.lm_infinite = patch
     return model
 
 
@@ -144,7 +137,10 @@ def remove_lm_infinite(model: nn.Module) -> nn.Module:
         delattr(obj, name)
     if patch.gptj_table is not None:  # the grown sin/cos table goes back to its original size
         model.base_model.rotary_emb.embed_positions = patch.gptj_table
-    _own_config(model, patch.shared_config, swap_back=True)
+    if patch.shared_config is not None:
+        _own_config(model, patch.shared_config, swap_back=True)
+    if patch.undo_rope is not None:
+        patch.undo_rope(model)
     del model.lm_infinite
     return model
 
@@ -155,7 +151,11 @@ def configure(model: nn.Module, **changes) -> None:
     patch: Patch | None = getattr(model, "lm_infinite", None)
     if patch is None:
         raise LMInfiniteError("configure() needs a patched model: call apply_lm_infinite first")
-    patch.settings = patch.settings.replace(patch.pretraining_length, **changes)
+    settings = patch.settings.replace(patch.pretraining_length, **changes)
+    fixed = ("rope_type", "rope_factor", "changes_attention")
+    if any(getattr(settings, name) != getattr(patch.settings, name) for name in fixed):
+        raise LMInfiniteError("configure() cannot change the RoPE scaling or switch attention on/off: re-apply")
+    patch.settings = settings
 
 
 def register_attention(name: str, kernel: Callable) -> None:

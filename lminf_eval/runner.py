@@ -116,7 +116,9 @@ def execute(task_type: type[Task], run_config: RunConfig) -> Path:
         raise UserError(f"{run_config.model} config has no pretraining length: pass --pretraining-length")
     lengths = parse_lengths(run_config.lengths or task_type.default_lengths, l_pre)
     # bad settings or an unsupported model fail now, not after hours of vanilla
-    settings = {m.label: m.settings(l_pre, task_type.settings_defaults, run_config.settings) for m in methods}
+    settings = {
+        m.label: m.settings(l_pre, max(lengths), task_type.settings_defaults, run_config.settings) for m in methods
+    }
     for method in methods:
         if method.patched:
             with applied(model, settings[method.label], l_pre):

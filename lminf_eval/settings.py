@@ -51,6 +51,8 @@ class Settings:
         if unknown:
             raise LMInfiniteError(f"unknown setting {sorted(unknown)[0]!r}: use {', '.join(DEFAULTS)}")
         value = {name: overrides.get(name) for name in DEFAULTS}
+        if value["far_distance"] == "cache":  # StreamingLLM: everything past the window is re-indexed
+            value["limit_distance"] = value["n_local"]
         l_pre = pretraining_length
         rope_type = _choice(value["rope_type"], "rope_type", ROPE_TYPES)
         settings = cls(
@@ -73,9 +75,8 @@ class Settings:
             )
         if settings.group_size < 1:
             raise LMInfiniteError("group_size must be >= 1")
-        if settings.far_distance == "cache" and settings.limit_distance != settings.n_local:
-            # StreamingLLM: everything outside the window is re-indexed inside the cache
-            raise LMInfiniteError("far_distance=cache needs limit_distance equal to n_local (the window)")
+        if settings.far_distance == "cache" and not math.isfinite(settings.n_local):
+            raise LMInfiniteError("far_distance=cache (StreamingLLM) needs a finite n_local")
         if settings.log_scale_base == 1:
             raise LMInfiniteError("log_scale_base must be 0 (off) or >= 2")
         return settings
@@ -121,7 +122,8 @@ HELP = {
     "backend": "Attention kernel: auto (flex on CUDA, blocks elsewhere), blocks (fused per query block), "
     "blocks-masked (the same without band calls), plain (blocks in plain fp32 math), flex (FlexAttention).",
     "far_distance": "Where a visible pair at or past the ceiling is scored: ceiling (at L: LM-Infinite, ReRoPE), "
-    "cache (its index distance inside the kept cache: StreamingLLM), grouped (Self-Extend's grouped positions), "
+    "cache (its index distance inside the kept cache; the ceiling is then the window: StreamingLLM), "
+    "grouped (Self-Extend's grouped positions), "
     "leaky (L + (d - L)/group_size: Leaky ReRoPE).",
     "group_size": "grouped/leaky: far distances grow 1/group_size as fast (Self-Extend's G, Leaky ReRoPE's k).",
     "log_scale_base": "Queries scaled by max(1, ln(i+1)/ln(base)) (ReRoPE's log-n scaling; 0: off).",
@@ -129,6 +131,10 @@ HELP = {
     "rope_factor": "Its factor s (default: the run's longest length / L_pre, at least 1).",
 }
 NAMES = tuple(f.name for f in fields(Settings))
+# set through a method's options (`--method self-extend:group_size=16`), not as flags of every command
+METHOD_ONLY = ("far_distance", "group_size", "log_scale_base", "rope_type", "rope_factor")
+FLAG_NAMES = tuple(name for name in NAMES if name not in METHOD_ONLY)
+TEXT_NAMES = ("backend", "far_distance", "rope_type")
 
 
 def describe_default(name: str, overrides: dict | None = None) -> str:
@@ -163,13 +169,15 @@ def _choice(value, name: str, choices: tuple) -> str:
 
 
 def _length(value, default, l_pre: int | None, name: str, zero: bool = False) -> float:
-    """A token count: a number, inf, or "L_pre" / "L_pre/N" read against the pretraining length."""
+    """A token count: a number, inf, or "L_pre", "L_pre/N", "L_pre-N" read against the pretraining length."""
     value = default if value is None else value
     if isinstance(value, str) and value.startswith("L_pre"):
         if l_pre is None:
             raise LMInfiniteError(f"{name} is required for a model whose config has no pretraining length")
-        _, _, divisor = value.partition("/")
-        value = l_pre // int(divisor or 1)
+        op, number = value[5:6], value[6:]
+        if op and (op not in "/-" or not number.isdigit() or (op == "/" and int(number) == 0)):
+            raise LMInfiniteError(f"{name}: cannot read {value!r}; use L_pre, L_pre/N or L_pre-N")
+        value = l_pre // int(number) if op == "/" else l_pre - int(number or 0)
     number = _number(value, name)
     if math.isinf(number) and number > 0:
         return math.inf

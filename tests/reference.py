@@ -84,7 +84,7 @@ def distance(i: torch.Tensor, j: torch.Tensor, settings) -> torch.Tensor:
         kept = (t < s) | ((t > i[..., None] - r) & (t <= i[..., None]))  # after token i: sinks + last r
         slot = kept.cumsum(-1) - 1  # [b, 1, n, 1, T]: a kept token's slot = kept tokens before it
         shape = (*delta.shape, t.shape[0])
-        slot_i = slot.gather(-1, i[..., None].long()).squeeze(-1)
+        slot_i = slot.gather(-1, i.clamp(min=0)[..., None].long()).squeeze(-1)  # (padding queries: -1)
         slot_j = slot.expand(shape).gather(-1, j.clamp(min=0).long()[..., None].expand(*delta.shape, 1)).squeeze(-1)
         far = slot_i - slot_j
     elif rule == "grouped":  # Self-Extend: floor(i/G) - floor(j/G) + W - floor(W/G)

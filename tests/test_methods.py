@@ -1,0 +1,175 @@
+"""The training-free peers (StreamingLLM, Self-Extend, ReRoPE, Leaky ReRoPE, PI, dynamic NTK, YaRN) against
+an independent float64 reference of their definitions, vanilla where they must equal it, and across code paths."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from reference import reference
+from test_core import ATOL, generate, greedy_by_reforward, left_padded, logits, reference_logits
+
+from lminf_eval import LMInfiniteCache, LMInfiniteError, apply_lm_infinite
+from lminf_eval.methods import applied, parse_method
+from models import L_PRE, VOCAB, tiny_model
+
+# windows far below the 8 x L_PRE tokens read, so every rule's far branch is exercised
+PEERS = {
+    "streaming-llm": "streaming-llm:n_global=2:n_local=12",
+    "self-extend": "self-extend:limit_distance=6:group_size=3",
+    "rerope": "rerope:limit_distance=5:log_scale_base=8",
+    "leaky-rerope": "leaky-rerope:limit_distance=5:group_size=4:log_scale_base=8",
+}
+
+
+def settings_of(spec: str, target: int | None = None):
+    return parse_method(spec).settings(L_PRE, target)
+
+
+@pytest.mark.parametrize("peer", list(PEERS))
+@pytest.mark.parametrize("name", ["llama", "gpt_neox", "gptj", "mpt", "bloom"])
+def test_peers_equal_reference(name, peer):
+    """GQA (llama), partial rotary (gpt_neox), interleaved (gptj), ALiBi (mpt, bloom), left padding."""
+    model = tiny_model(name)
+    ids, mask = left_padded([8 * L_PRE, 8 * L_PRE - 9], 8 * L_PRE, seed=6)
+    real = mask.bool()
+    with applied(model, settings_of(PEERS[peer]), L_PRE):
+        ours = logits(model, ids, mask)
+        torch.testing.assert_close(ours[real], reference_logits(model, ids, mask)[real], atol=ATOL, rtol=0)
+        alone = logits(model, ids[1:, 9:])
+        torch.testing.assert_close(ours[1, 9:], alone[0], atol=ATOL, rtol=0)
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+@pytest.mark.parametrize("peer", list(PEERS))
+def test_peers_flex_path_equals_reference(peer):
+    settings = settings_of(PEERS[peer] + ":backend=flex")
+    model = tiny_model("llama")
+    ids, mask = left_padded([6 * L_PRE, 6 * L_PRE - 5], 6 * L_PRE, seed=7)
+    real = mask.bool()
+    with applied(model, settings, L_PRE):
+        torch.testing.assert_close(
+            logits(model, ids, mask)[real], reference_logits(model, ids, mask)[real], atol=ATOL, rtol=0
+        )
+
+
+@pytest.mark.parametrize("peer", list(PEERS))
+def test_peers_chunked_through_cache_equal_one_forward(peer):
+    """StreamingLLM through its bounded cache (never more than sinks + window + slack), the others through
+    transformers' full cache: chunk by chunk equals one forward."""
+    model = tiny_model("llama")
+    n = 8 * L_PRE
+    ids, mask = left_padded([n, n - 5], n, seed=8)
+    settings = settings_of(PEERS[peer])
+    with applied(model, settings, L_PRE):
+        whole = logits(model, ids, mask)
+        pieces, cache, start = [], None, 0
+        for size in [20, 1, 33, 2, 1, 40, 31]:
+            with torch.no_grad():
+                out = model(ids[:, start : start + size], attention_mask=mask[:, : start + size], cache=cache)
+            cache, start = out.cache, start + size
+            pieces.append(out.logits)
+    assert start == n
+    real = mask.bool()
+    torch.testing.assert_close(torch.cat(pieces, 1)[real], whole[real], atol=ATOL, rtol=0)
+    assert isinstance(cache, LMInfiniteCache) == (peer == "streaming-llm")
+    if peer == "streaming-llm":
+        assert cache.layers[0].used <= (5 + settings.n_global) + settings.n_local + cache.slack + 40
+
+
+def test_streaming_llm_decode_equals_reforward():
+    """Token by token through the bounded cache (the StreamingLLM paper's own protocol) = full forwards."""
+    model = tiny_model("llama")
+    ids = torch.randint(1, VOCAB, (1, 3 * L_PRE))
+    with applied(model, settings_of(PEERS["streaming-llm"]), L_PRE):
+        new = generate(model, ids, 2 * L_PRE)[:, ids.shape[1] :]
+        assert torch.equal(new, greedy_by_reforward(model, ids, 2 * L_PRE))
+
+
+@pytest.mark.parametrize("peer", list(PEERS))
+def test_peers_equal_vanilla_inside_their_window_only(peer):
+    """Inside the window (and below the log-scale base) a peer is the model itself; past it, it is not (so
+    the comparison could fail)."""
+    settings = settings_of(PEERS[peer])
+    inside = min(settings.limit_distance, settings.log_scale_base or math.inf, settings.n_global + settings.n_local)
+    model = tiny_model("llama")
+    ids = torch.randint(0, VOCAB, (1, 4 * L_PRE))
+    with applied(model, None, L_PRE):
+        vanilla = logits(model, ids)
+    with applied(model, settings, L_PRE):
+        ours = logits(model, ids)
+    torch.testing.assert_close(ours[:, : int(inside)], vanilla[:, : int(inside)], atol=ATOL, rtol=0)
+    assert (ours[:, -L_PRE:] - vanilla[:, -L_PRE:]).abs().max() > 1e-2
+
+
+def _rope(model):
+    rotary = model.base_model.rotary_emb
+    return rotary.inv_freq.double(), rotary.attention_scaling
+
+
+def test_rope_scaling_frequencies_follow_their_definitions():
+    """PI, YaRN and dynamic NTK as methods.md states them, in float64, against what the model then uses."""
+    model = tiny_model("llama")
+    theta, dim, s = 100.0, 16, 4.0
+    inv = 1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim)
+    with applied(model, settings_of("pi:rope_factor=4"), L_PRE):
+        torch.testing.assert_close(_rope(model)[0], inv / s, rtol=1e-6, atol=0)
+    with applied(model, settings_of("yarn", target=4 * L_PRE), L_PRE):  # factor = target / L_pre = 4
+        low, high = (dim * math.log(L_PRE / (2 * math.pi * b)) / (2 * math.log(theta)) for b in (32, 1))
+        low, high = max(math.floor(low), 0), min(math.ceil(high), dim - 1)
+        ramp = ((torch.arange(dim // 2, dtype=torch.float64) - low) / max(high - low, 1e-3)).clamp(0, 1)
+        got, attention_factor = _rope(model)
+        torch.testing.assert_close(got, inv * (1 - ramp) + inv / s * ramp, rtol=1e-6, atol=0)
+        assert attention_factor == pytest.approx(0.1 * math.log(s) + 1)
+    with applied(model, settings_of("dynamic-ntk:rope_factor=4"), L_PRE):
+        n = 3 * L_PRE
+        logits(model, torch.randint(0, VOCAB, (1, n)))  # the base grows with the input read
+        base = theta * (s * n / L_PRE - (s - 1)) ** (dim / (dim - 2))
+        want = 1.0 / base ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim)
+        torch.testing.assert_close(_rope(model)[0], want, rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("spec", ["pi:rope_factor=1", "yarn:rope_factor=1", "dynamic-ntk:rope_factor=4"])
+def test_rope_scaling_equals_vanilla_at_factor_one_or_inside_l_pre(spec):
+    model = tiny_model("llama")
+    ids = torch.randint(0, VOCAB, (1, L_PRE))
+    vanilla = logits(model, ids)
+    with applied(model, settings_of(spec), L_PRE):
+        torch.testing.assert_close(logits(model, ids), vanilla, atol=ATOL, rtol=0)
+    torch.testing.assert_close(logits(model, ids), vanilla, atol=0, rtol=0)  # and put back exactly
+
+
+def test_rope_scaling_combines_with_lm_infinite():
+    """lm-infinite:rope_type=yarn: the Λ kernel re-rotates with the scaled frequencies (reference agrees)."""
+    model = tiny_model("llama")
+    ids = torch.randint(0, VOCAB, (1, 6 * L_PRE))
+    with applied(model, settings_of("lm-infinite:n_global=2:rope_type=yarn:rope_factor=2"), L_PRE):
+        with reference(model):
+            ref = logits(model, ids)
+        torch.testing.assert_close(logits(model, ids), ref, atol=ATOL, rtol=0)
+
+
+def test_unsupported_combinations_are_one_line_errors():
+    for spec, family, words in [
+        ("pi:rope_factor=2", "mpt", "rotary embedding"),
+        ("yarn:rope_factor=2", "gptj", "rotary embedding"),
+        ("yarn:rope_factor=2", "llama3", "already uses rope_type"),
+        ("yarn", "llama", "rope_factor is required"),
+        ("yarn:rope_factor=0.5", "llama", ">= 1"),
+        ("self-extend:group_size=0", "llama", "group_size"),
+        ("streaming-llm:n_local=inf", "llama", "finite n_local"),
+        ("rerope:log_scale_base=1", "llama", "log_scale_base"),
+        ("lm-infinite:far_distance=far", "llama", "unknown far_distance"),
+    ]:
+        model = tiny_model(family)
+        with pytest.raises(LMInfiniteError, match=words) as err:
+            apply_lm_infinite(model, L_PRE, **parse_method(spec).options, **_preset(spec))
+        assert "\n" not in str(err.value)
+        assert getattr(model, "lm_infinite", None) is None
+
+
+def _preset(spec: str) -> dict:
+    from lminf_eval.methods import PRESETS
+
+    return {k: v for k, v in PRESETS[spec.split(":")[0]].fixes.items() if k not in parse_method(spec).options}
