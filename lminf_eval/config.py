@@ -24,8 +24,9 @@ class RunConfig:
     )
     method: list[str] = option(
         ["vanilla", "lm-infinite"],
-        "Methods side by side: vanilla, lm-infinite, window, lambda-only, ceiling-only, truncate; options as "
-        "name:key=value (lm-infinite:top_k=5). Repeat or comma-separate.",
+        "Methods side by side (lminf-eval methods lists them: vanilla, lm-infinite, its ablations, "
+        "streaming-llm, self-extend, rerope, pi, dynamic-ntk, yarn...); options as name:key=value "
+        "(lm-infinite:top_k=5). Repeat or comma-separate.",
     )
     dataset: str = option(
         "arxiv-sample",
@@ -46,6 +47,7 @@ class RunConfig:
     seed: int = option(0, "Seed for prompts, keys and sampling.", min=0)
     output_dir: str | None = option(None, "Where results go (default: results/COMMAND/MODEL/TIMESTAMP).")
     resume: bool = option(False, "Skip cells already in --output-dir (or the latest run of this command and model).")
+    keep_oom: bool = option(False, "With --resume, keep cells recorded as out-of-memory instead of retrying them.")
     settings: dict[str, Any] = field(default_factory=dict)  # LM-Infinite settings given by flags (lminf_eval.settings)
     options: Any = None  # the task's own Options dataclass
     argv: list[str] = field(default_factory=list)  # the command line that made this run

@@ -163,9 +163,10 @@ class RunDir:
             console.print(f"[yellow]{self.path}: {bad} unreadable line(s) in samples; those cells count as not run")
         return list(by_cell.values())
 
-    def finished(self) -> set[str]:
-        """Cells that need not run again: the ones that finished ok (an OOM cell is retried)."""
-        return {cell_id(row["cell"]) for row in self.read_samples() if row["status"] == "ok"}
+    def finished(self, keep_oom: bool = False) -> set[str]:
+        """Cells that need not run again: the ones that finished ok (an OOM cell is retried unless `keep_oom`)."""
+        done = ("ok", "oom") if keep_oom else ("ok",)
+        return {cell_id(row["cell"]) for row in self.read_samples() if row["status"] in done}
 
     def record(self, key: dict, status: str, seconds: float, result: dict | None = None) -> None:
         """One line, written in one call and flushed to disk before the next cell starts."""

@@ -136,7 +136,7 @@ def execute(task_type: type[Task], run_config: RunConfig) -> Path:
     if rank != 0:
         run.open(fingerprint, run_config.resume)
     try:
-        done = run.finished() if run_config.resume else set()
+        done = run.finished(run_config.keep_oom) if run_config.resume else set()
         mine = [c for i, c in enumerate(cells) if i % world == rank and cell_id(c.key) not in done]
         started = time.time()
         interrupted = False

@@ -162,7 +162,23 @@ def test_report_reads_runs(tiny, tmp_path):
     assert res.exit_code == 0, res.output
     text = (tmp_path / "report.md").read_text()
     assert "### ppl: ppl" in text and "| lm-infinite |" in text
-    assert f"- {out}: complete, 2 of 2 cells, 0 OOM" in text
+    assert f"- {out}: complete, 2 of 2 cells, 0 OOM, documents per cell: 1" in text
+
+
+def test_report_shows_documents_per_cell_where_they_differ(tiny, tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "long.txt").write_text((tiny.data / "doc0.txt").read_text())
+    (data / "short.txt").write_text((tiny.data / "doc1.txt").read_text()[:120])  # reaches 1x (32), not 4x (128)
+    out = tmp_path / "run"
+    res = runner.invoke(
+        app, ["ppl", "--model", str(tiny.model), "--dataset", str(data), "--lengths", "1x,4x", "--min-tokens", "40",
+              "--num-docs", "2", "--method", "vanilla", "--output-dir", str(out)],
+    )  # fmt: skip
+    assert res.exit_code == 0, res.output
+    text = runner.invoke(app, ["report", str(out)]).output
+    assert "documents per cell: 1 to 2 (table docs)" in text
+    assert "### ppl: docs" in text and "| vanilla | 2 | 1 |" in text.replace(".0 ", " ")
 
 
 def test_config_file_and_flag_precedence(tiny, tmp_path):
@@ -515,6 +531,9 @@ def test_resume_retries_oom_cells(tiny, tmp_path, monkeypatch):
     assert run(tiny, *args, out=tmp_path).exit_code == 0
     assert [s["status"] for s in load(tmp_path)[1]] == ["oom"]
     monkeypatch.setattr(ppl_task, "token_nll", original)
+    assert run(tiny, *args, "--resume", "--keep-oom", out=tmp_path).exit_code == 0  # (the flag turns retry off)
+    results, samples = load(tmp_path)
+    assert results["cells"]["oom"] == 1 and [s["status"] for s in samples] == ["oom"]
     assert run(tiny, *args, "--resume", out=tmp_path).exit_code == 0
     results, _ = load(tmp_path)
     assert results["cells"]["oom"] == 0 and pd.read_csv(tmp_path / "ppl.csv", index_col=0).notna().all().all()
