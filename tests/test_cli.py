@@ -459,6 +459,35 @@ def test_torn_last_line_is_repaired_and_every_cell_is_kept(tiny, tmp_path):
     pd.testing.assert_frame_equal(pd.read_csv(torn / "ppl.csv"), pd.read_csv(tmp_path / "whole" / "ppl.csv"))
 
 
+def test_file_size_limit_on_a_real_filesystem_keeps_finished_cells(tiny, tmp_path):
+    """A real write failure, not a simulated one: the process may not grow a file past 5 KB (RLIMIT_FSIZE, as
+    a quota or a full disk does), so samples.jsonl fails mid-run, possibly mid-line. One line, exit 2, the
+    finished cells kept; --resume without the limit ends complete with the uninterrupted table."""
+    import resource
+    import signal
+
+    args = ["ppl", "--lengths", "1x,8x", "--num-docs", "3", "--n-global", "4", "--model", str(tiny.model)]
+    args += ["--dataset", str(tiny.data)]
+    assert runner.invoke(app, [*args, "--output-dir", str(tmp_path / "whole")]).exit_code == 0
+
+    def limited():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write then fails with EFBIG instead of a kill
+        resource.setrlimit(resource.RLIMIT_FSIZE, (5000, 5000))
+
+    out = tmp_path / "limited"
+    cli = [sys.executable, "-m", "lminf_eval", *args, "--output-dir", str(out)]
+    proc = subprocess.run(cli, capture_output=True, text=True, preexec_fn=limited, timeout=600)
+    error = [line for line in proc.stderr.splitlines() if line.startswith("lminf-eval: error")]
+    assert proc.returncode == 2 and len(error) == 1 and "cannot write" in error[0], proc.stderr[-2000:]
+    kept = [line for line in (out / "samples.jsonl").read_text().splitlines() if line.endswith("}")]
+    assert 1 <= len(kept) < 6
+    res = runner.invoke(app, [*args, "--output-dir", str(out), "--resume"])
+    assert res.exit_code == 0, res.output
+    results, samples = load(out)
+    assert results["status"] == "complete" and len(samples) == 6
+    pd.testing.assert_frame_equal(pd.read_csv(out / "ppl.csv"), pd.read_csv(tmp_path / "whole" / "ppl.csv"))
+
+
 def test_resume_refuses_a_different_run(tiny, tmp_path):
     """--resume compares what changes a number and names what differs, in one line, exit 2."""
     base = ("ppl", "--lengths", "1x,2x", "--num-docs", "1")
