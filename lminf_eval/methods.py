@@ -160,7 +160,7 @@ def applied(model, settings: Settings | None, pretraining_length: int):
     """The model with LM-Infinite at `settings` (None: vanilla, allowed past its tables) for the block, then
     exactly as it was."""
     if settings is not None:
-        apply_lm_infinite(model, pretraining_length, **asdict(settings))
+        apply_lm_infinite(model, pretraining_length_override=pretraining_length, **asdict(settings))
         undo = remove_lm_infinite
     else:
         undo = allow_long_vanilla(model)

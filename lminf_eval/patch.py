@@ -82,7 +82,7 @@ def pretraining_length(config) -> int | None:
 
 
 def apply_lm_infinite(
-    model: nn.Module, pretraining_length_override: int | None = None, target_length: int | None = None, **settings
+    model: nn.Module, *, pretraining_length_override: int | None = None, target_length: int | None = None, **settings
 ) -> nn.Module:
     """Patch `model` in place and return it. `settings` are the fields of `lminf_eval.Settings` (help in
     `lminf_eval.settings.HELP`; unset: the default, lengths from the pretraining length L_pre in the config;

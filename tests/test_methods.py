@@ -164,7 +164,7 @@ def test_unsupported_combinations_are_one_line_errors():
     ]:
         model = tiny_model(family)
         with pytest.raises(LMInfiniteError, match=words) as err:
-            apply_lm_infinite(model, L_PRE, **parse_method(spec).options, **_preset(spec))
+            apply_lm_infinite(model, pretraining_length_override=L_PRE, **parse_method(spec).options, **_preset(spec))
         assert "\n" not in str(err.value)
         assert getattr(model, "lm_infinite", None) is None
 
