@@ -106,6 +106,7 @@ def test_reproduction_profiles_parse(profile, monkeypatch):
     import yaml
 
     from lminf_eval.cli import collect
+    from lminf_eval.config import parse_lengths
     from lminf_eval.methods import parse_methods
     from lminf_eval.task import TASKS
 
@@ -116,8 +117,9 @@ def test_reproduction_profiles_parse(profile, monkeypatch):
         name, *args = shlex.split(command)
         ctx = group.commands[name].make_context(name, args)  # unknown flags raise here
         run_config = collect(TASKS[name], ctx, dict(ctx.params))
+        target = max(parse_lengths(run_config.lengths or TASKS[name].default_lengths, 4096))
         for method in parse_methods(run_config.method):
-            method.settings(4096, TASKS[name].settings_defaults, run_config.settings)
+            method.settings(4096, target, TASKS[name].settings_defaults, run_config.settings)
         assert run_config.command == name, step
 
 
