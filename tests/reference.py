@@ -119,7 +119,12 @@ def reference_attention(query, key, value, plan, settings, position, scaling, la
         il = position.interleaved
         q_raw = _rotate_pairs(q, -i * inv, il)  # undo each token's own rotation
         k_raw = _rotate_pairs(k, -plan.k_idx[:, None, :, None].double() * inv, il)
-        scores = _scores_at(q_raw, k_raw, d_eff, inv, il) * scaling
+        if settings.far_distance == "ceiling":  # one distance for every far pair: two dense products suffice
+            q_at_limit = _rotate_pairs(q_raw, torch.full_like(i, float(min(settings.limit_distance, 1e12))) * inv, il)
+            far = torch.einsum("bhid,bhjd->bhij", q_at_limit, k_raw) * scaling
+            scores = torch.where(dist >= settings.limit_distance, far, plain)
+        else:  # a distance per pair (O(n^2 x dims): small inputs only)
+            scores = _scores_at(q_raw, k_raw, d_eff, inv, il) * scaling
 
     scores = scores.masked_fill(~visible, -math.inf)
     if settings.top_k and layer_idx >= settings.top_k_from_layer:
