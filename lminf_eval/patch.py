@@ -65,7 +65,6 @@ class Patch:
     position: Rope | Alibi | None  # None: attention is the model's own (only a RoPE scaling was set)
     pretraining_length: int | None
     undo_rope: Callable | None = None  # puts the rotary embedding back after `apply_rope_scaling`
-    saved_implementation: str | None = None
     hooks: list = field(default_factory=list)
     patched: list = field(default_factory=list)  # (object, attribute) pairs we set and must delete
     shared_config: object = None  # the config the model had: it may be shared, so we patch a copy
@@ -111,7 +110,6 @@ def apply_lm_infinite(
     patch.position = position_encoding(model)
     patch.shared_config, config = config, _own_config(model, config)
     register_attention(IMPLEMENTATION, lambda_attention)
-    patch.saved_implementation = config._attn_implementation
     use_implementation(model, IMPLEMENTATION)
     if family == "alibi":
         for module in model.modules():
