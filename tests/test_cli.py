@@ -645,6 +645,8 @@ def test_bad_files_and_values_are_one_line_errors(tiny, tmp_path, monkeypatch):
         "device foo": (["ppl", "--device", "foo"], "unsupported --device"),
         "backend fast": (["ppl", "--backend", "fast"], "unknown backend"),
         "backend as a method option": (["ppl", "--method", "lm-infinite:backend=fast"], "unknown backend"),
+        "group_size=0": (["ppl", "--method", "self-extend:group_size=0"], "group_size must be >= 1"),
+        "rope_type wrong": (["ppl", "--method", "yarn:rope_type=ntk"], "unknown rope_type"),
         "device mps": (["ppl", "--device", "mps"], "unsupported --device"),
         "output-dir a file": (["ppl", "--output-dir", str(tmp_path / "a-file")], "cannot write"),
         **{f"jsonl {n}": (["ppl", "--dataset", str(tmp_path / n)], n.split(".")[0].replace("-", " ")) for n in jsonl},
