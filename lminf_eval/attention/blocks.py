@@ -9,8 +9,11 @@ fused attention call, merged by log-sum-exp:
   window's ragged left edge, an n x n anti-causal triangle run as a causal one on row-reversed inputs;
 - otherwise (padding or cache gaps inside the window) the bulk as one unmasked call and the rest masked;
 - the global slots before the window, masked;
-- keys past the distance ceiling (RoPE; the global keys when w <= L): a small second branch whose scores
-  use the re-rotated query and the unrotated key.
+- keys past the distance ceiling (RoPE): scored with the query and key turned to the positions
+  `far_positions` gives them. Keys that are far for every query of the block (all of them for LM-Infinite's
+  global keys deep into the text; nearly every key for Self-Extend or ReRoPE) are one unmasked fused call;
+  the few far for some queries only (the ragged edge) a small masked call. Each key's far position
+  depends on the key alone, so keys are turned once per layer, not once per block.
 Which slot goes where depends only on the plan, so it is worked out once per forward and shared by all
 layers (`Plan.remember`).
 """
@@ -41,13 +44,23 @@ class Layout:
     keys: torch.Tensor  # the other candidate key slots, masked
     bias: torch.Tensor | None  # [b, 1 or h, n, len(keys)]: bool visibility (RoPE; 1 byte a pair while memoised)
     # or the additive ALiBi bias with -inf where not visible; None when no pair is visible
-    far: torch.Tensor | None = None  # key slots past the ceiling for some query (RoPE)
-    far_visible: torch.Tensor | None = None  # [b, 1, 1, n, len(far)]
+    far_all: slice | torch.Tensor | None = None  # key slots past the ceiling for every query (RoPE), unmasked
+    far: torch.Tensor | None = None  # key slots past the ceiling for some queries only
+    far_visible: torch.Tensor | None = None  # [b, 1, n, len(far)] bool
     q_turn: tuple | None = None  # rotation of the block's queries to their far position (L for LM-Infinite)
-    k_turn: tuple | None = None  # rotation of the far keys to theirs (0)
+
+    def far_end(self) -> int:
+        """One past the last far key slot (0 when none)."""
+        ends = [int(self.far.max()) + 1] if self.far is not None else []
+        if isinstance(self.far_all, slice):
+            ends.append(self.far_all.stop)
+        elif self.far_all is not None:
+            ends.append(int(self.far_all.max()) + 1)
+        return max(ends, default=0)
 
     def nbytes(self) -> int:
-        tensors = [self.keys, self.bias, self.far_visible, *(self.q_turn or ()), *(self.k_turn or ())]
+        far_all = self.far_all if isinstance(self.far_all, torch.Tensor) else None
+        tensors = [self.keys, self.bias, far_all, self.far, self.far_visible, *(self.q_turn or ())]
         return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 
@@ -69,9 +82,10 @@ def blocked_attention(
     out = query.new_empty(b, n_q, hq, value.shape[-1]).transpose(1, 2)
     w = settings.n_local
     block = min(BLOCK, int(w) // 4) if math.isfinite(w) else BLOCK
-    if isinstance(position, Rope) and settings.limit_distance < w:  # ceiling inside the window (an ablation):
-        block = min(block, 256)  # far keys are many and take the dense fp32 branch
+    if isinstance(position, Rope) and settings.limit_distance < w:  # ceiling inside the window: at most L/2 rows,
+        block = min(block, max(128, int(settings.limit_distance) // 2))  # so most near keys are an unmasked call
     block = min(n_q, max(1, block))
+    layouts = []
     for s in range(0, n_q, block):
         e = min(n_q, s + block)
         memo_key = ("blocks", s, e, use_band, query.dtype, query.device)
@@ -79,8 +93,24 @@ def blocked_attention(
         if lay is None:
             lay = _layout(plan, key.shape[2] - n_q, s, e, settings, position, query.dtype, use_band)
             plan.remember(memo_key, lay, lay.nbytes())
-        merge(_block(query[:, :, s:e], key, value, lay, position, scaling, fused), into=out[:, :, s:e])
+        layouts.append((s, e, lay))
+    far_end = max(lay.far_end() for _, _, lay in layouts)
+    far_key = _far_keys(key[:, :, :far_end], plan, settings, position) if far_end else None
+    for s, e, lay in layouts:
+        merge(_block(query[:, :, s:e], key, far_key, value, lay, position, scaling, fused), into=out[:, :, s:e])
     return out
+
+
+def _far_keys(key: torch.Tensor, plan: Plan, settings: Settings, position: Rope) -> torch.Tensor:
+    """The first slots of `key` turned to their far positions, once per layer (the rotation once per forward)."""
+    n = key.shape[2]
+    memo_key = ("far-keys", n, key.dtype, key.device)
+    turn = plan.memo.get(memo_key)
+    if turn is None:
+        k_idx = plan.k_idx[:, :n]
+        turn = position.rotation(far_positions(k_idx, k_idx, settings)[1] - k_idx, key.dtype)
+        plan.remember(memo_key, turn, sum(t.numel() * t.element_size() for t in turn))
+    return position.apply(key, turn)
 
 
 def _band(plan: Plan, head: int, q_lo: int, q_hi: int, settings: Settings, position) -> tuple[int, int, int] | None:
@@ -141,18 +171,32 @@ def _layout(plan: Plan, first: int, s: int, e: int, settings: Settings, position
         far_pairs = seen & is_far(dist, limit_distance)
         cols = far_pairs.any(1).any(0).nonzero().squeeze(1)
         if cols.numel():
-            lay.far, lay.far_visible = keys[cols], far_pairs[:, None, None, :, cols]
             seen[:, :, cols] &= ~far_pairs[:, :, cols]
-            q_pos, k_pos = far_positions(qi, ki[:, cols], settings)
-            lay.q_turn = position.rotation(q_pos - qi, dtype)
-            lay.k_turn = position.rotation(k_pos - ki[:, cols], dtype)
-    if bool(seen.any()) or (band is None and mid is None and lay.far is None):  # (a part for padding rows)
+            every = far_pairs[:, :, cols].all(1).all(0)
+            if bool(every.any()):
+                lay.far_all = _as_slice(keys[cols[every]])
+            some = cols[~every]
+            if some.numel():
+                lay.far, lay.far_visible = keys[some], far_pairs[:, None, :, some]
+            lay.q_turn = position.rotation(far_positions(qi, qi, settings)[0] - qi, dtype)
+        near = seen.any(1).any(0)  # keys left with an ordinary score for some query; drop the others
+        if bool(near.any()) and not bool(near.all()):
+            lay.keys, seen = keys[near], seen[:, :, near]
+    other = band is not None or mid is not None or lay.far_all is not None or lay.far is not None
+    if bool(seen.any()) or not other:  # (a part for padding rows)
         lay.bias = seen[:, None]
     return lay
 
 
-def _block(q, key, value, lay: Layout, position, scaling, fused: bool) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """(output, log-sum-exp) of each key part of one query block, for `merge`."""
+def _as_slice(slots: torch.Tensor) -> slice | torch.Tensor:
+    """Consecutive key slots as a slice (a view, not a copy, when keys are taken); others as they are."""
+    lo, hi = int(slots[0]), int(slots[-1]) + 1
+    return slice(lo, hi) if hi - lo == slots.numel() else slots
+
+
+def _block(q, key, far_key, value, lay: Layout, position, scaling, fused: bool) -> list[tuple]:
+    """(output, log-sum-exp) of each key part of one query block, for `merge`; `far_key`: the keys turned to
+    their far positions (`_far_keys`)."""
     parts = []
     if lay.band is not None:
         a, m, q_lo = lay.band
@@ -167,14 +211,25 @@ def _block(q, key, value, lay: Layout, position, scaling, fused: bool) -> list[t
     if lay.mid is not None:
         parts.append(_flash(q, key[:, :, lay.mid], value[:, :, lay.mid], None, scaling, fused))
     if lay.bias is not None:
-        bias = lay.bias if lay.bias.dtype != torch.bool else torch.where(lay.bias, 0.0, -math.inf).to(q.dtype)
-        parts.append(_flash(q, key[:, :, lay.keys], value[:, :, lay.keys], bias, scaling, fused))
-    if lay.far is not None:
-        k = position.apply(key[:, :, lay.far], lay.k_turn)
-        s2 = _raw_scores(position.apply(q, lay.q_turn), k, scaling).masked_fill_(~lay.far_visible, -math.inf)
-        b, hq, n = q.shape[:3]
-        parts.append((_attend(s2, value[:, :, lay.far]), torch.logsumexp(s2, dim=-1).view(b, hq, n)))
+        k, v = key[:, :, lay.keys], value[:, :, lay.keys]
+        if lay.bias.dtype == torch.bool:
+            parts.append(_masked(q, k, v, lay.bias, scaling, fused))
+        else:
+            parts.append(_flash(q, k, v, lay.bias, scaling, fused))
+    if lay.q_turn is not None:
+        q_far = position.apply(q, lay.q_turn)
+        if lay.far_all is not None:
+            parts.append(_flash(q_far, far_key[:, :, lay.far_all], value[:, :, lay.far_all], None, scaling, fused))
+        if lay.far is not None:
+            parts.append(_masked(q_far, far_key[:, :, lay.far], value[:, :, lay.far], lay.far_visible, scaling, fused))
     return parts
+
+
+def _masked(q, k, v, seen: torch.Tensor, scaling, fused: bool):
+    """`_flash` under a bool visibility mask [b, 1, n, K]. A row that sees none of these keys gets log-sum-exp
+    -inf, so `merge` gives it no weight (the fused CPU kernel reports 0 there)."""
+    out, lse = _flash(q, k, v, torch.where(seen, 0.0, -math.inf).to(q.dtype), scaling, fused)
+    return out, lse.masked_fill(~seen.any(-1), -math.inf)
 
 
 def _flash(q, k, v, bias, scaling, fused: bool, causal=False):
