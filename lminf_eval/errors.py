@@ -3,3 +3,6 @@
 
 class UserError(ValueError):
     """Bad input that the user can fix; the message names the fix."""
+
+
+INSTALL_LM_EVAL = "lm-eval is not installed: pip install 'lminf-eval[lm-eval]'"

@@ -155,15 +155,19 @@ def describe(name: str) -> list[tuple[str, str]]:
     return [(option, str(fixes.get(option, DEFAULTS[option]))) for option in PRESETS[name].options]
 
 
+def apply_method(model, settings: Settings | None, pretraining_length: int) -> Callable:
+    """Put the method at `settings` on the model (None: vanilla, allowed past its tables); returns the
+    function that puts the model back exactly as it was."""
+    if settings is None:
+        return allow_long_vanilla(model)
+    apply_lm_infinite(model, pretraining_length_override=pretraining_length, **asdict(settings))
+    return remove_lm_infinite
+
+
 @contextmanager
 def applied(model, settings: Settings | None, pretraining_length: int):
-    """The model with LM-Infinite at `settings` (None: vanilla, allowed past its tables) for the block, then
-    exactly as it was."""
-    if settings is not None:
-        apply_lm_infinite(model, pretraining_length_override=pretraining_length, **asdict(settings))
-        undo = remove_lm_infinite
-    else:
-        undo = allow_long_vanilla(model)
+    """The model with the method at `settings` for the block, then exactly as it was."""
+    undo = apply_method(model, settings, pretraining_length)
     try:
         yield model
     finally:

@@ -290,6 +290,9 @@ BAD_INPUTS = {
     "n_global > n_local": (["ppl", "--n-global", "40"], "n_global (40) > n_local (32)"),
     "no document long enough": (["ppl", "--lengths", "1000x"], "longest of 3"),
     "bad depths": (["passkey", "--depths", "0,2"], "--depths"),
+    "lm-eval without tasks": (["lm-eval"], "--tasks is required"),
+    "unknown lm-eval task": (["lm-eval", "--tasks", "no_such_task"], "unknown lm-eval task no_such_task"),
+    "lm-eval include path": (["lm-eval", "--tasks", "x", "--include-path", "/no/such/dir"], "--include-path"),
 }
 
 

@@ -1,0 +1,144 @@
+"""Any lm-evaluation-harness task or group (RULER, LongBench, BABILong, hellaswag, a local YAML task) on
+every method, through the `lminf` model type (`lminf_eval/harness.py`).
+
+One cell = one lm-eval evaluation of one (method, task) on the run's single model load, written as it
+finishes, so a run resumes per (method, task). `--lengths` become RULER's `max_seq_lengths`; the model's
+own tokenizer is saved into the run folder for RULER to size its haystacks with. Each cell keeps lm-eval's
+results, configs, versions and sample counts; `--log-samples` keeps its per-sample records too.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from lminf_eval.errors import INSTALL_LM_EVAL, UserError
+from lminf_eval.task import Cell, Task, option, register_task
+
+from .base import method_table, ok_rows
+
+
+@dataclass
+class HarnessOptions:
+    tasks: str = option("", "lm-eval tasks or groups, comma-separated (e.g. niah_single_1,vt or ruler).")
+    limit: int = option(0, "Samples per task (0: all).", min=0)
+    num_fewshot: int = option(-1, "Few-shot examples (-1: each task's own default).", min=-1)
+    batch_size: int = option(1, "lm-eval batch size.", min=1)
+    max_gen_toks: int = option(0, "Cap on generated tokens per answer (0: each task's own).", min=0)
+    max_length: int = option(
+        0, "Cut longer contexts from the left, as lm-eval does (0: never; the truncate method: L_pre).", min=0
+    )
+    include_path: str | None = option(None, "Folder of extra lm-eval task YAMLs (local tasks).")
+    log_samples: bool = option(False, "Keep lm-eval's per-sample records in lm-eval-samples/.")
+
+
+@register_task
+class Harness(Task):
+    name = "lm-eval"
+    help = "Any lm-evaluation-harness task (RULER, LongBench, a local YAML) on every method."
+    Options = HarnessOptions
+    default_lengths = "1x"
+    manager = None  # lm-eval's TaskManager, made by the first cell (it needs the run folder)
+
+    def prepare(self) -> None:
+        try:
+            import lm_eval  # noqa: F401
+        except ImportError:
+            raise UserError(INSTALL_LM_EVAL) from None
+
+        self.task_names = [t for t in self.options.tasks.replace(",", " ").split() if t]
+        if not self.task_names:
+            raise UserError("--tasks is required: name lm-eval tasks or groups, e.g. --tasks niah_single_1")
+        if self.options.include_path and not Path(self.options.include_path).is_dir():
+            raise UserError(f"--include-path {self.options.include_path} is not a folder of task YAMLs")
+        from lm_eval.tasks import TaskManager
+
+        known = TaskManager(include_path=self.options.include_path).all_tasks
+        unknown = [t for t in self.task_names if t not in known]
+        if unknown:
+            names = ", ".join(unknown)
+            raise UserError(f"unknown lm-eval task {names}: see `lm_eval ls tasks`, or pass --include-path")
+
+    def cells(self) -> list[Cell]:
+        return [Cell({"method": m.label, "task": t}, m, None) for m in self.ctx.methods for t in self.task_names]
+
+    def run_cell(self, cell) -> dict:
+        from lm_eval import simple_evaluate
+        from lm_eval.models.huggingface import HFLM
+        from lm_eval.tasks import TaskManager
+
+        from lminf_eval.harness import context_limit
+
+        ctx, options = self.ctx, self.options
+        if self.manager is None:  # RULER sizes its haystacks with the model's own tokenizer, saved here
+            tokenizer_dir = ctx.run.path / "tokenizer"
+            ctx.tokenizer.save_pretrained(tokenizer_dir)
+            metadata = {"max_seq_lengths": ctx.lengths, "tokenizer": str(tokenizer_dir)}
+            self.manager = TaskManager(include_path=options.include_path, metadata=metadata)
+        # the runner has applied the method
+        lm = HFLM(
+            pretrained=ctx.model,
+            tokenizer=ctx.tokenizer,
+            batch_size=options.batch_size,
+            device=str(ctx.device),
+            max_length=context_limit(cell.method, ctx.l_pre, options.max_length or None),
+        )
+        out = simple_evaluate(
+            model=lm,
+            tasks=[cell.key["task"]],
+            num_fewshot=None if options.num_fewshot < 0 else options.num_fewshot,
+            limit=options.limit or None,
+            gen_kwargs={"max_gen_toks": options.max_gen_toks} if options.max_gen_toks else None,
+            log_samples=options.log_samples,
+            bootstrap_iters=1000,
+            task_manager=self.manager,
+            random_seed=ctx.run_config.seed,
+            numpy_random_seed=ctx.run_config.seed,
+            torch_random_seed=ctx.run_config.seed,
+            fewshot_random_seed=ctx.run_config.seed,
+        )
+        if options.log_samples:
+            folder = ctx.run.path / "lm-eval-samples"
+            folder.mkdir(exist_ok=True)
+            for task, samples in out.pop("samples").items():
+                name = f"{_safe(cell.key['method'])}__{task}.jsonl"
+                (folder / name).write_text("".join(json.dumps(s, default=str) + "\n" for s in samples))
+        keep = ("results", "group_subtasks", "configs", "versions", "n-shot", "higher_is_better", "n-samples")
+        return {"lm_eval": json.loads(json.dumps({k: out.get(k) for k in keep}, default=str))}
+
+    def summarize(self, rows):
+        scores: dict[str, dict] = {}  # lm-eval task -> {(method, metric): value}
+        for r in ok_rows(rows):
+            for task, metrics in r["lm_eval"]["results"].items():
+                for name, value in metrics.items():
+                    metric = _metric(name, value, self.ctx.lengths)
+                    if metric is not None:
+                        scores.setdefault(task, {})[r["cell"]["method"], metric] = value
+        tables = {}
+        for task, values in scores.items():
+            columns = list(dict.fromkeys(metric for _, metric in values))
+            tables[task] = method_table(values, self.labels, columns)
+        metrics = {"results": {}, "configs": {}}  # lm-eval's own, per method and task
+        for r in ok_rows(rows):
+            metrics["results"].setdefault(r["cell"]["method"], {})[r["cell"]["task"]] = r["lm_eval"]["results"]
+            metrics["configs"][r["cell"]["task"]] = r["lm_eval"]["configs"]
+        return metrics, tables
+
+
+def _metric(name: str, value, lengths: list[int]) -> str | None:
+    """The table column of one entry of lm-eval's results ("acc,none" -> "acc"; a RULER length that was not
+    asked for, stderr, aliases and sample counts -> None)."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or "_stderr" in name or "," not in name:
+        return None
+    metric, filt = name.split(",", 1)
+    if metric.isdigit() and int(metric) not in lengths:  # RULER lists lengths it did not run (value -1)
+        return None
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    return metric if filt == "none" else f"{metric} ({filt})"
+
+
+def _safe(label: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in label)
