@@ -1,10 +1,11 @@
-"""Any lm-evaluation-harness task or group (RULER, LongBench, BABILong, hellaswag, a local YAML task) on
-every method, through the `lminf` model type (`lminf_eval/harness.py`).
+"""Any lm-evaluation-harness task, group or tag (RULER, BABILong, LongBench, hellaswag, a local YAML task)
+on every method: lm-eval's own HFLM around the run's one model load, patched by the runner per method.
 
-One cell = one lm-eval evaluation of one (method, task) on the run's single model load, written as it
-finishes, so a run resumes per (method, task). `--lengths` become RULER's `max_seq_lengths`; the model's
-own tokenizer is saved into the run folder for RULER to size its haystacks with. Each cell keeps lm-eval's
-results, configs, versions and sample counts; `--log-samples` keeps its per-sample records too.
+One cell = one lm-eval evaluation of (method, task), and of the length too for tasks that build their
+samples per length: `--lengths` become RULER's `max_seq_lengths` (token counts; the model's own tokenizer is
+saved into the run folder for RULER to size its haystacks with) or BABILong's config ("4k"). So `--limit`
+counts samples per length and a run resumes per cell. Each cell keeps lm-eval's results, configs, versions
+and sample counts; `--log-samples` keeps its per-sample records in lm-eval-samples/.
 """
 
 from __future__ import annotations
@@ -40,29 +41,39 @@ class Harness(Task):
     help = "Any lm-evaluation-harness task (RULER, LongBench, a local YAML) on every method."
     Options = HarnessOptions
     default_lengths = "1x"
-    manager = None  # lm-eval's TaskManager, made by the first cell (it needs the run folder)
 
     def prepare(self) -> None:
         try:
             import lm_eval  # noqa: F401
         except ImportError:
             raise UserError(INSTALL_LM_EVAL) from None
+        from lm_eval.tasks import TaskManager
 
         self.task_names = [t for t in self.options.tasks.replace(",", " ").split() if t]
         if not self.task_names:
             raise UserError("--tasks is required: name lm-eval tasks or groups, e.g. --tasks niah_single_1")
         if self.options.include_path and not Path(self.options.include_path).is_dir():
             raise UserError(f"--include-path {self.options.include_path} is not a folder of task YAMLs")
-        from lm_eval.tasks import TaskManager
-
-        known = TaskManager(include_path=self.options.include_path).all_tasks
-        unknown = [t for t in self.task_names if t not in known]
+        index = TaskManager(include_path=self.options.include_path).task_index
+        unknown = [t for t in self.task_names if t not in index]
         if unknown:
             names = ", ".join(unknown)
             raise UserError(f"unknown lm-eval task {names}: see `lm_eval ls tasks`, or pass --include-path")
+        self.styles = {t: _length_style(index, t) for t in self.task_names}
+        if "babilong" in self.styles.values() and any(n % 1024 for n in self.ctx.lengths):
+            raise UserError("BABILong comes in lengths of whole k (0k, 1k, 2k, 4k, ... 128k): pass --lengths 4k,8k")
+        self.managers: dict = {}  # max_seq_lengths -> lm-eval TaskManager (made by the first cell that needs it)
 
     def cells(self) -> list[Cell]:
-        return [Cell({"method": m.label, "task": t}, m, None) for m in self.ctx.methods for t in self.task_names]
+        """(method, task), and the length too for a task whose samples are made per length (RULER): one
+        evaluation per length, so --limit counts samples per length and a run resumes per length."""
+        cells = []
+        for m in self.ctx.methods:
+            for t in self.task_names:
+                for n in self.ctx.lengths if self.styles[t] else [None]:
+                    key = {"method": m.label, "task": t} | ({"length": n} if n else {})
+                    cells.append(Cell(key, m, None, n or 0))
+        return cells
 
     def run_cell(self, cell) -> dict:
         from lm_eval import simple_evaluate
@@ -72,11 +83,14 @@ class Harness(Task):
         from lminf_eval.harness import context_limit
 
         ctx, options = self.ctx, self.options
-        if self.manager is None:  # RULER sizes its haystacks with the model's own tokenizer, saved here
+        lengths = [cell.key["length"]] if "length" in cell.key else ctx.lengths
+        asked = f"{lengths[0] // 1024}k" if self.styles[cell.key["task"]] == "babilong" else lengths
+        if str(asked) not in self.managers:  # RULER sizes its haystacks with the model's own tokenizer
             tokenizer_dir = ctx.run.path / "tokenizer"
-            ctx.tokenizer.save_pretrained(tokenizer_dir)
-            metadata = {"max_seq_lengths": ctx.lengths, "tokenizer": str(tokenizer_dir)}
-            self.manager = TaskManager(include_path=options.include_path, metadata=metadata)
+            if not tokenizer_dir.exists():
+                ctx.tokenizer.save_pretrained(tokenizer_dir)
+            metadata = {"max_seq_lengths": asked, "tokenizer": str(tokenizer_dir)}
+            self.managers[str(asked)] = TaskManager(include_path=options.include_path, metadata=metadata)
         # the runner has applied the method
         lm = HFLM(
             pretrained=ctx.model,
@@ -93,7 +107,7 @@ class Harness(Task):
             gen_kwargs={"max_gen_toks": options.max_gen_toks} if options.max_gen_toks else None,
             log_samples=options.log_samples,
             bootstrap_iters=1000,
-            task_manager=self.manager,
+            task_manager=self.managers[str(asked)],
             random_seed=ctx.run_config.seed,
             numpy_random_seed=ctx.run_config.seed,
             torch_random_seed=ctx.run_config.seed,
@@ -103,7 +117,8 @@ class Harness(Task):
             folder = ctx.run.path / "lm-eval-samples"
             folder.mkdir(exist_ok=True)
             for task, samples in out.pop("samples").items():
-                name = f"{_safe(cell.key['method'])}__{task}.jsonl"
+                name = f"{_safe(cell.key['method'])}__{task}" + (f"__{lengths[0]}" if "length" in cell.key else "")
+                name += ".jsonl"
                 (folder / name).write_text("".join(json.dumps(s, default=str) + "\n" for s in samples))
         keep = ("results", "group_subtasks", "configs", "versions", "n-shot", "higher_is_better", "n-samples")
         return {"lm_eval": json.loads(json.dumps({k: out.get(k) for k in keep}, default=str))}
@@ -113,7 +128,7 @@ class Harness(Task):
         for r in ok_rows(rows):
             for task, metrics in r["lm_eval"]["results"].items():
                 for name, value in metrics.items():
-                    metric = _metric(name, value, self.ctx.lengths)
+                    metric = _metric(name, value, [r["cell"]["length"]] if "length" in r["cell"] else self.ctx.lengths)
                     if metric is not None:
                         scores.setdefault(task, {})[r["cell"]["method"], metric] = value
         tables = {}
@@ -122,9 +137,26 @@ class Harness(Task):
             tables[task] = method_table(values, self.labels, columns)
         metrics = {"results": {}, "configs": {}}  # lm-eval's own, per method and task
         for r in ok_rows(rows):
-            metrics["results"].setdefault(r["cell"]["method"], {})[r["cell"]["task"]] = r["lm_eval"]["results"]
-            metrics["configs"][r["cell"]["task"]] = r["lm_eval"]["configs"]
+            task = r["cell"]["task"] + (f" {r['cell']['length']}" if "length" in r["cell"] else "")
+            metrics["results"].setdefault(r["cell"]["method"], {})[task] = r["lm_eval"]["results"]
+            metrics["configs"][task] = r["lm_eval"]["configs"]
         return metrics, tables
+
+
+def _length_style(index: dict, name: str) -> str | None:
+    """How a task (or any task of a group or tag) takes `max_seq_lengths`: "ruler" (token counts, one
+    metric per length, e.g. "4096"), "babilong" (a dataset config such as "4k"), or None (it does not)."""
+    entry = index.get(name)
+    cfg = (entry.cfg if entry else None) or {}
+    if name.startswith("babilong"):
+        return "babilong"
+    if any(str(m.get("metric", "")).isdigit() for m in cfg.get("metric_list") or []):
+        return "ruler"
+    subtasks = cfg.get("task") if isinstance(cfg.get("task"), list) else []
+    if entry is not None and str(entry.kind).endswith("TAG"):
+        subtasks = [n for n, e in index.items() if name in (e.tags or ())]
+    styles = {_length_style(index, t) for t in subtasks if isinstance(t, str) and t != name}
+    return next((s for s in ("ruler", "babilong") if s in styles), None)
 
 
 def _metric(name: str, value, lengths: list[int]) -> str | None:
@@ -133,7 +165,7 @@ def _metric(name: str, value, lengths: list[int]) -> str | None:
     if not isinstance(value, (int, float)) or isinstance(value, bool) or "_stderr" in name or "," not in name:
         return None
     metric, filt = name.split(",", 1)
-    if metric.isdigit() and int(metric) not in lengths:  # RULER lists lengths it did not run (value -1)
+    if metric.isdigit() and int(metric) not in lengths:  # RULER lists every length it knows (-1: not run)
         return None
     if isinstance(value, float) and math.isnan(value):
         return None

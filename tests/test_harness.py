@@ -114,24 +114,25 @@ def test_local_tasks_on_every_method_match_our_own_forward(task_dir, tmp_path):
     assert len((tmp_path / "samples.jsonl").read_text().splitlines()) == 6
 
 
-def test_ruler_niah_runs_offline_at_the_asked_length(tmp_path):
-    args = ["lm-eval", "--model", "tiny-rope", "--method", "vanilla,truncate,lm-infinite", "--tasks", "niah_single_1"]
-    args += ["--lengths", "1024", "--limit", "1", "--max-gen-toks", "4", "--log-samples"]
+def test_ruler_niah_runs_offline_once_per_length(tmp_path):
+    args = ["lm-eval", "--model", "tiny-rope", "--method", "vanilla,truncate", "--tasks", "niah_single_1"]
+    args += ["--lengths", "512,1024", "--limit", "1", "--max-gen-toks", "4", "--log-samples"]
     res = runner.invoke(app, [*args, "--output-dir", str(tmp_path)])
     assert res.exit_code == 0, res.output
     results = json.loads((tmp_path / "results.json").read_text())
-    assert results["status"] == "complete"
+    assert results["status"] == "complete" and results["cells"]["planned"] == 4  # method x length
     table = results["tables"]["niah_single_1"]  # RULER's unasked default lengths (-1) are left out
-    assert table["columns"] == ["1024"] and table["index"] == ["vanilla", "truncate", "lm-infinite"]
+    assert table["columns"] == ["512", "1024"] and table["index"] == ["vanilla", "truncate"]
     rows = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
-    for r in rows:
-        scores = r["lm_eval"]["results"]["niah_single_1"]
-        assert 0 <= scores["1024,none"] <= 1
-    config = rows[0]["lm_eval"]["configs"]["niah_single_1"]
-    assert config["metadata"]["max_seq_lengths"] == [1024] and Path(config["metadata"]["tokenizer"]).is_dir()
     _, tok = load_model("tiny-rope")
-    prompt = requests(lm_eval_samples(tmp_path, "vanilla", "niah_single_1")[0])[0][0]
-    assert 600 < len(tok(prompt).input_ids) <= 1024  # RULER sized the haystack with the model's tokenizer
+    for r in rows:
+        n = r["cell"]["length"]
+        assert 0 <= r["lm_eval"]["results"]["niah_single_1"][f"{n},none"] <= 1
+        config = r["lm_eval"]["configs"]["niah_single_1"]
+        assert config["metadata"]["max_seq_lengths"] == [n] and Path(config["metadata"]["tokenizer"]).is_dir()
+        assert r["lm_eval"]["n-samples"]["niah_single_1"]["effective"] == 1  # --limit counts per length
+        sample = lm_eval_samples(tmp_path, r["cell"]["method"], f"niah_single_1__{n}")[0]
+        assert n // 2 < len(tok(requests(sample)[0][0]).input_ids) <= n  # sized with the model's tokenizer
 
 
 def test_lm_eval_command_line_with_the_lminf_model_type(task_dir, tmp_path):
