@@ -1,19 +1,31 @@
-"""Passkey retrieval (paper Table 2): a number hidden in filler text, asked for at the end.
+"""Passkey retrieval (paper Table 2) and RULER's needle variants: values hidden in a haystack, asked for
+at the end.
 
-`--distractors K` adds K decoy needles carrying other numbers under other names, and the question names
-the true one (RULER's multi-key needle task). Keys, names and positions are drawn from `--seed`.
+The paper's passkey is one unnamed number in repeated filler. `--distractors K` adds K decoy needles under
+other keys and the question names the true one (RULER's multikey); `--variants` adds `multivalue` (V values
+stored under the asked key, all to be returned) and `multiquery` (Q keys asked at once, every value to be
+returned). Keys are names, words, numbers or UUIDs (`--key-type`), values numbers, words or UUIDs
+(`--value-type`); every key and value of a prompt is distinct. `--haystack` is the paper's repeated filler,
+`essay` (English prose shipped in data/haystack, PSF licence) or any text file. Scoring is exact match per
+needle: a value counts when it appears in the answer as a whole token (a number: the answer's first number,
+for the single variant, as in the paper); `recall` is the share of asked values found, `correct` all of them.
+Keys, values, names and positions are drawn from `--seed`.
 """
 
 from __future__ import annotations
 
 import random
 import re
+import uuid
 from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from lminf_eval.errors import UserError
+from lminf_eval.models import REPO_ROOT
 from lminf_eval.task import Cell, Task, option, register_task
 
 from .base import greedy, method_table, ok_rows, truncated
@@ -27,38 +39,114 @@ NEEDLE = " The pass key is {key}. Remember it. {key} is the pass key."
 QUESTION = " What is the pass key? The pass key is"
 NAMED_NEEDLE = " The pass key of {name} is {key}. Remember it. {key} is the pass key of {name}."
 NAMED_QUESTION = " What is the pass key of {name}? The pass key of {name} is"
+MULTI_QUESTION = " What are all the pass keys of {names}? The pass keys of {names} are"
 NAMES = ["Alice", "Bruno", "Chiara", "Dmitri", "Elena", "Farid", "Greta", "Hiro", "Ines", "Jonas", "Kemal", "Lena"]
+ADJECTIVES = (
+    "amber brisk calm daring eager faint gentle hollow idle jolly keen lively mellow nimble odd plain quiet "
+    "rapid silent tidy upper vivid wary young zesty bold crisp dusty early frosty"
+).split()
+NOUNS = (
+    "anchor badger cedar dune ember falcon glacier harbor island juniper kettle lantern meadow nectar orchard "
+    "pebble quarry raven saddle thistle umbrella valley walnut yarrow zephyr beacon canyon dolphin fern grove"
+).split()
+VARIANTS = ("single", "multivalue", "multiquery")
+KEY_TYPES = ("name", "word", "number", "uuid")
+VALUE_TYPES = ("number", "word", "uuid")
+HAYSTACKS = {"repeat": None, "essay": REPO_ROOT / "data" / "haystack" / "python-howto.txt"}
 
 
-def make_prompt(tokenizer, length: int, depth: float, rng: random.Random, distractors: int = 0):
-    """-> (token ids of about `length` tokens, key as string, needle depth used). Depth 0 puts the needle
-    right after the prefix, 1 right before the question."""
-    key = str(rng.randint(1, 9_999_999))
-    if distractors:
-        names = rng.sample(NAMES, distractors + 1)
-        decoys = [NAMED_NEEDLE.format(name=n, key=rng.randint(1, 9_999_999)) for n in names[1:]]
-        needle, question = NAMED_NEEDLE.format(name=names[0], key=key), NAMED_QUESTION.format(name=names[0])
+@dataclass(frozen=True)
+class Needles:
+    """What one prompt hides and asks: the needle variant and its sizes, key/value kinds, decoys."""
+
+    variant: str = "single"
+    distractors: int = 0
+    values: int = 4  # per key, for multivalue
+    queries: int = 4  # keys asked, for multiquery
+    key_type: str = "name"
+    value_type: str = "number"
+
+    @property
+    def asked(self) -> int:
+        """How many values the answer must hold."""
+        return {"single": 1, "multivalue": self.values, "multiquery": self.queries}[self.variant]
+
+
+def draw(kind: str, count: int, rng: random.Random) -> list[str]:
+    """`count` distinct keys or values of a kind."""
+    if kind == "name":
+        if count > len(NAMES):
+            raise UserError(f"at most {len(NAMES)} name keys per prompt: use --key-type word, number or uuid")
+        return rng.sample(NAMES, count)
+    out: list[str] = []
+    while len(out) < count:
+        if kind == "number":
+            item = str(rng.randint(1, 9_999_999))
+        elif kind == "word":
+            item = f"{rng.choice(ADJECTIVES)}-{rng.choice(NOUNS)}"
+        else:
+            item = str(uuid.UUID(int=rng.getrandbits(128), version=4))
+        if item not in out:
+            out.append(item)
+    return out
+
+
+@cache
+def haystack_units(haystack: str) -> tuple[str, ...]:
+    """The pieces a haystack is made of, in order (cycled when a prompt needs more): the filler sentence
+    group, or the sentences of a text."""
+    path = HAYSTACKS.get(haystack, Path(haystack))
+    if path is None:
+        return (FILLER,)
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except OSError as err:
+        raise UserError(f"--haystack {haystack}: {err.strerror}: use repeat, essay or a readable text file") from None
+    units = tuple(" " + s for s in re.split(r"(?<=[.!?])\s+", " ".join(text.split())) if s)
+    if not units:
+        raise UserError(f"--haystack {haystack} holds no text")
+    return units
+
+
+def make_prompt(tokenizer, length: int, depth: float, rng: random.Random, needles: Needles = Needles(),
+                haystack: str = "repeat") -> tuple[list[int], list[str]]:  # fmt: skip
+    """-> (token ids of about `length` tokens, the values the answer must hold). Depth 0 puts the (first)
+    asked needle right after the prefix, 1 right before the question; the other needles go anywhere."""
+    n_keys = (needles.queries if needles.variant == "multiquery" else 1) + needles.distractors
+    per_key = needles.values if needles.variant == "multivalue" else 1
+    named = n_keys > 1 or needles.variant == "multivalue"
+    keys = draw(needles.key_type, n_keys, rng) if named else [""]
+    values = draw(needles.value_type, per_key + n_keys - 1, rng)  # decoy keys hold one value each
+    stored = [(keys[max(0, i - per_key + 1)], v) for i, v in enumerate(values)]  # (key, value), asked first
+    asked_keys = keys[: needles.queries] if needles.variant == "multiquery" else keys[:1]
+    answers = [v for k, v in stored if k in asked_keys]
+    if not named:
+        pieces, question = [NEEDLE.format(key=values[0])], QUESTION
     else:
-        decoys, needle, question = [], NEEDLE.format(key=key), QUESTION
-
-    placement = rng.random()  # decoy positions are redrawn identically for every trial length below
+        pieces = [NAMED_NEEDLE.format(name=k, key=v) for k, v in stored]
+        names = ", ".join(asked_keys)
+        question = NAMED_QUESTION.format(name=names) if len(answers) == 1 else MULTI_QUESTION.format(names=names)
+    needle, others = pieces[0], pieces[1:]
+    units = haystack_units(haystack)
+    placement = rng.random()  # other needles' positions are redrawn identically for every trial length below
 
     def build(slots: int) -> list[int]:
-        pieces = [FILLER] * slots
+        hay = [units[i % len(units)] for i in range(slots)]
         place = random.Random(placement)
-        for decoy in decoys:  # decoys anywhere, the true needle at its depth
-            pieces.insert(place.randint(0, len(pieces)), decoy)
-        pieces.insert(round(depth * len(pieces)), needle)
-        return tokenizer(PREFIX + "".join(pieces) + question, add_special_tokens=True).input_ids
+        for other in others:
+            hay.insert(place.randint(0, len(hay)), other)
+        hay.insert(round(depth * len(hay)), needle)
+        return tokenizer(PREFIX + "".join(hay) + question, add_special_tokens=True).input_ids
 
-    per_filler = max(1, len(tokenizer(FILLER * 8, add_special_tokens=False).input_ids) // 8)
-    slots = max(1, length // per_filler)
+    sample = "".join(units[i % len(units)] for i in range(8))
+    per_unit = max(1, len(tokenizer(sample, add_special_tokens=False).input_ids) // 8)
+    slots = max(1, length // per_unit)
     for _ in range(4):  # tokenisation is not additive: converge on the length
         ids = build(slots)
-        if abs(len(ids) - length) < per_filler:
+        if abs(len(ids) - length) < per_unit:
             break
-        slots = max(1, slots + (length - len(ids)) // per_filler)
-    return ids, key
+        slots = max(1, slots + (length - len(ids)) // per_unit)
+    return ids, answers
 
 
 def first_integer(text: str) -> str | None:
@@ -66,18 +154,32 @@ def first_integer(text: str) -> str | None:
     return match.group(0) if match else None
 
 
+def found(answer: str, value: str, strict_number: bool) -> bool:
+    """Exact match of one needle's value in the answer: the first number when `strict_number` (the paper's
+    single passkey), else the value as a whole token anywhere."""
+    if strict_number:
+        return first_integer(answer) == value
+    return re.search(rf"(?<![\w-]){re.escape(value)}(?![\w-])", answer) is not None
+
+
 @dataclass
 class PasskeyOptions:
     depths: str | None = option(None, "Needle depths to sweep, e.g. 0,0.25,0.5,0.75,1 (default: uniform random).")
     num_samples: int = option(4, "Prompts per length (and depth).", min=1)
-    distractors: int = option(0, "Decoy needles with other names and numbers.", min=0)
-    new_tokens: int = option(10, "Tokens generated for the answer.", min=1)
+    distractors: int = option(0, "Decoy needles under other keys (RULER multikey).", min=0)
+    variants: str = option("single", "Needle variants to sweep: single, multivalue, multiquery.")
+    values: int = option(4, "Values stored under the asked key (multivalue).", min=2)
+    queries: int = option(4, "Keys asked at once (multiquery).", min=2)
+    key_type: str = option("name", "Needle keys: name, word, number or uuid (unnamed when one needle only).")
+    value_type: str = option("number", "Needle values: number, word or uuid.")
+    haystack: str = option("repeat", "repeat (the paper's filler), essay (shipped prose), or a text file.")
+    new_tokens: int = option(0, "Tokens generated for the answer (0: 10 per asked number or word, 30 per uuid).", min=0)
 
 
 @register_task
 class Passkey(Task):
     name = "passkey"
-    help = "Passkey retrieval with optional distractors, over lengths and needle depths (paper Table 2)."
+    help = "Passkey retrieval and RULER's needle variants, over lengths and needle depths (paper Table 2)."
     Options = PasskeyOptions
     default_lengths = "1x,1.5x,2x"
     settings_defaults = {"n_global": 10}  # the paper's passkey runs
@@ -85,58 +187,89 @@ class Passkey(Task):
 
     def prepare(self) -> None:
         options = self.options
-        if options.distractors < 0 or options.distractors >= len(NAMES):
-            raise UserError(f"--distractors must be between 0 and {len(NAMES) - 1}")
         try:
             self.depths = [float(d) for d in options.depths.split(",")] if options.depths else [None]
         except ValueError:
             raise UserError(f"cannot parse --depths {options.depths!r}: use fractions like 0,0.25,0.5,0.75,1") from None
         if any(d is not None and not 0 <= d <= 1 for d in self.depths):
             raise UserError("--depths must lie between 0 and 1")
+        self.variants = [v for v in options.variants.replace(",", " ").split() if v]
+        for name, chosen, allowed in (
+            ("--variants", self.variants or ["(none)"], VARIANTS),
+            ("--key-type", [options.key_type], KEY_TYPES),
+            ("--value-type", [options.value_type], VALUE_TYPES),
+        ):
+            if any(c not in allowed for c in chosen):
+                raise UserError(f"unknown {name} {','.join(chosen)}: choose from {', '.join(allowed)}")
+        self.needles = {
+            v: Needles(v, options.distractors, options.values, options.queries, options.key_type, options.value_type)
+            for v in self.variants
+        }
+        keys = max((n.queries if v == "multiquery" else 1) + n.distractors for v, n in self.needles.items())
+        if options.key_type == "name" and keys > len(NAMES):
+            raise UserError(f"{keys} keys per prompt but only {len(NAMES)} names: lower --distractors/--queries or "
+                            "pass --key-type word")  # fmt: skip
+        haystack_units(options.haystack)  # a missing or empty file fails now
 
     def cells(self) -> list[Cell]:
         cells = []
         for m in self.ctx.methods:
-            for length in self.ctx.lengths:
-                for depth in self.depths:
-                    for i in range(self.options.num_samples):
-                        key = {"method": m.label, "length": length, "depth": depth, "sample": i}
-                        cells.append(Cell(key, m, None, length))
+            for variant in self.variants:
+                for length in self.ctx.lengths:
+                    for depth in self.depths:
+                        for i in range(self.options.num_samples):
+                            key = {"method": m.label, "variant": variant, "length": length, "depth": depth, "sample": i}
+                            cells.append(Cell(key, m, None, length))
         return cells
 
+    def row(self, cell_key: dict) -> str:
+        """A table row: the method, and the variant when several are swept."""
+        return cell_key["method"] + (f" [{cell_key['variant']}]" if len(self.variants) > 1 else "")
+
     def run_cell(self, cell) -> dict:
-        ctx, k = self.ctx, cell.key
-        # the prompt depends on (seed, length, depth, sample) only, so every method sees the same one
-        rng = random.Random(f"{ctx.run_config.seed}-{k['length']}-{k['depth']}-{k['sample']}")
+        ctx, k, options = self.ctx, cell.key, self.options
+        needles = self.needles[k["variant"]]
+        # the prompt depends on (seed, variant, length, depth, sample) only, so every method sees the same one
+        tag = "" if k["variant"] == "single" else f"-{k['variant']}"
+        rng = random.Random(f"{ctx.run_config.seed}-{k['length']}-{k['depth']}-{k['sample']}{tag}")
         depth = k["depth"] if k["depth"] is not None else rng.random()
-        ids, key = make_prompt(ctx.tokenizer, k["length"], depth, rng, self.options.distractors)
+        ids, answers = make_prompt(ctx.tokenizer, k["length"], depth, rng, needles, options.haystack)
         prompt = truncated(cell.method, torch.tensor([ids], device=ctx.device), ctx.l_pre)
         pad = ctx.tokenizer.pad_token_id if ctx.tokenizer.pad_token_id is not None else ctx.tokenizer.eos_token_id
-        out = greedy(ctx.model, prompt, self.options.new_tokens, pad)
+        per_value = 30 if needles.value_type == "uuid" else 10
+        out = greedy(ctx.model, prompt, options.new_tokens or per_value * len(answers), pad)
         answer = ctx.tokenizer.decode(out, skip_special_tokens=True)
+        strict = len(answers) == 1 and needles.value_type == "number"
+        hits = [found(answer, v, strict) for v in answers]
         return {
             "prompt_tokens": len(ids),
             "depth_used": round(depth, 4),
-            "key": key,
+            "key": answers[0] if len(answers) == 1 else answers,
             "answer": answer,
-            "correct": first_integer(answer) == key,
+            "recall": sum(hits) / len(hits),
+            "correct": all(hits),
         }
 
     def summarize(self, rows):
-        ctx, labels = self.ctx, self.labels
-        acc, by_depth, counts = {}, {}, {}
-        oom = {(r["cell"]["method"], r["cell"]["length"]) for r in rows if r["status"] == "oom"}
+        ctx = self.ctx
+        labels = [self.row({"method": m, "variant": v}) for m in self.labels for v in self.variants]
+        acc, recall, by_depth, counts = {}, {}, {}, {}
+        oom = {(self.row(r["cell"]), r["cell"]["length"]) for r in rows if r["status"] == "oom"}
         for r in ok_rows(rows):
-            c = r["cell"]
-            counts.setdefault((c["method"], c["length"]), []).append(r["correct"])
+            c, label = r["cell"], self.row(r["cell"])
             d = "random" if c["depth"] is None else c["depth"]
-            counts.setdefault((c["method"], c["length"], d), []).append(r["correct"])
+            counts.setdefault((label, c["length"]), []).append((r["correct"], r.get("recall", r["correct"])))
+            counts.setdefault((label, c["length"], d), []).append((r["correct"], r.get("recall", r["correct"])))
         for key, vals in counts.items():
-            (acc if len(key) == 2 else by_depth)[key] = 100.0 * sum(vals) / len(vals)
-        table = method_table(acc, labels, ctx.lengths, oom=oom)
-        table["avg"] = table.apply(lambda row: np.nanmean([v for v in row if isinstance(v, float)] or [np.nan]), axis=1)
-        metrics = {m.label: {str(L): acc.get((m.label, L)) for L in ctx.lengths} for m in ctx.methods}
-        tables = {"passkey_accuracy": table}
+            (acc if len(key) == 2 else by_depth)[key] = 100.0 * sum(v[0] for v in vals) / len(vals)
+            if len(key) == 2:
+                recall[key] = 100.0 * sum(v[1] for v in vals) / len(vals)
+        tables = {"passkey_accuracy": self._with_average(method_table(acc, labels, ctx.lengths, oom=oom))}
+        metrics = {label: {str(L): acc.get((label, L)) for L in ctx.lengths} for label in labels}
+        if any(n.asked > 1 for n in self.needles.values()):  # share of asked values found (RULER's score)
+            tables["passkey_recall"] = self._with_average(method_table(recall, labels, ctx.lengths, oom=oom))
+            for label in labels:
+                metrics[label]["recall"] = {str(L): recall.get((label, L)) for L in ctx.lengths}
         depths = sorted({k[2] for k in by_depth}, key=str)
         if len(depths) > 1:  # one row per (method, depth): the heatmaps as a table
             rows_d = [f"{m} @ {d}" for m in labels for d in depths]
@@ -146,34 +279,45 @@ class Passkey(Task):
                 metrics[m]["by_depth"] = {f"{d}@{L}": by_depth.get((m, L, d)) for d in depths for L in ctx.lengths}
         return metrics, tables
 
+    @staticmethod
+    def _with_average(table):
+        table["avg"] = table.apply(lambda row: np.nanmean([v for v in row if isinstance(v, float)] or [np.nan]), axis=1)
+        return table
+
     def plots(self, rows) -> None:
         import matplotlib
 
         matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
 
         ctx, depths = self.ctx, self.depths
         if len(depths) < 2:
             return
         for m in ctx.methods:
-            grid = np.full((len(depths), len(ctx.lengths)), np.nan)
-            for r in ok_rows(rows):
-                c = r["cell"]
-                if c["method"] == m.label:
-                    i, j = depths.index(c["depth"]), ctx.lengths.index(c["length"])
-                    grid[i, j] = (0 if np.isnan(grid[i, j]) else grid[i, j]) + r["correct"]
-            grid = 100 * grid / self.options.num_samples
-            fig, ax = plt.subplots(figsize=(1.2 * len(ctx.lengths) + 2, 0.6 * len(depths) + 1.5))
-            im = ax.imshow(grid, vmin=0, vmax=100, cmap="RdYlGn", aspect="auto")
-            ax.set_xticks(range(len(ctx.lengths)), [str(L) for L in ctx.lengths])
-            ax.set_yticks(range(len(depths)), [str(d) for d in depths])
-            ax.set_xlabel("prompt tokens")
-            ax.set_ylabel("needle depth")
-            ax.set_title(f"passkey accuracy %: {m.label}")
-            fig.colorbar(im)
-            fig.tight_layout()
-            fig.savefig(ctx.run.path / f"passkey_heatmap_{_slug(m.label)}.png", dpi=110)
-            plt.close(fig)
+            for variant in self.variants:
+                label = self.row({"method": m.label, "variant": variant})
+                grid = np.full((len(depths), len(ctx.lengths)), np.nan)
+                for r in ok_rows(rows):
+                    c = r["cell"]
+                    if c["method"] == m.label and c["variant"] == variant:
+                        i, j = depths.index(c["depth"]), ctx.lengths.index(c["length"])
+                        grid[i, j] = (0 if np.isnan(grid[i, j]) else grid[i, j]) + r["correct"]
+                self._heatmap(100 * grid / self.options.num_samples, label)
+
+    def _heatmap(self, grid, label: str) -> None:
+        import matplotlib.pyplot as plt
+
+        ctx, depths = self.ctx, self.depths
+        fig, ax = plt.subplots(figsize=(1.2 * len(ctx.lengths) + 2, 0.6 * len(depths) + 1.5))
+        im = ax.imshow(grid, vmin=0, vmax=100, cmap="RdYlGn", aspect="auto")
+        ax.set_xticks(range(len(ctx.lengths)), [str(L) for L in ctx.lengths])
+        ax.set_yticks(range(len(depths)), [str(d) for d in depths])
+        ax.set_xlabel("prompt tokens")
+        ax.set_ylabel("needle depth")
+        ax.set_title(f"passkey accuracy %: {label}")
+        fig.colorbar(im)
+        fig.tight_layout()
+        fig.savefig(ctx.run.path / f"passkey_heatmap_{_slug(label)}.png", dpi=110)
+        plt.close(fig)
 
 
 def _slug(label: str) -> str:

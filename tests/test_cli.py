@@ -17,7 +17,7 @@ import torch
 from lminf_eval.tasks import ppl as ppl_task
 from lminf_eval.tasks.base import method_table
 from lminf_eval.tasks.generate import score
-from lminf_eval.tasks.passkey import first_integer, make_prompt
+from lminf_eval.tasks.passkey import Needles, first_integer, found, make_prompt
 from lminf_eval.tasks.ppl import Perplexity, PerplexityOptions
 from typer.testing import CliRunner
 
@@ -266,17 +266,77 @@ def test_passkey_prompt_and_scoring():
 
     tok = fixtures.tokenizer()
     for depth in (0.0, 1.0):
-        ids, key = make_prompt(tok, 2000, depth, random.Random(1))
+        ids, [key] = make_prompt(tok, 2000, depth, random.Random(1))
         text = tok.decode(ids)
         assert abs(len(ids) - 2000) < 90 and text.count(key) == 2  # within one filler sentence (~80 bytes)
         where = text.index(key) / len(text)
         assert where < 0.3 if depth == 0 else where > 0.8
-    ids, key = make_prompt(tok, 3000, 0.5, random.Random(2), distractors=3)
+    ids, [key] = make_prompt(tok, 3000, 0.5, random.Random(2), Needles(distractors=3))
     text = tok.decode(ids)
     assert text.count("Remember it.") == 4 and text.count(key) == 2  # true needle + 3 decoys, key once in it
     asked = text.rsplit("What is the pass key of ", 1)[1].split("?")[0]
     assert f"The pass key of {asked} is {key}." in text
     assert first_integer(" 4821. Remember it") == "4821" and first_integer("no digits") is None
+
+
+KINDS = [("name", "number"), ("word", "word"), ("uuid", "uuid"), ("number", "word")]
+
+
+@pytest.mark.parametrize("key_type,value_type", KINDS)
+def test_needle_variants_hide_and_ask_what_they_say(key_type, value_type):
+    import random
+    import re
+
+    tok = fixtures.tokenizer()
+    value_pattern = {"number": r"\d+", "word": r"[a-z]+-[a-z]+", "uuid": r"[0-9a-f-]{36}"}[value_type]
+    for variant in ("multivalue", "multiquery"):
+        needles = Needles(variant, distractors=2, values=3, queries=3, key_type=key_type, value_type=value_type)
+        ids, answers = make_prompt(tok, 1500, 0.3, random.Random(5), needles)
+        text = tok.decode(ids)
+        stored = re.findall(r"The pass key of (.+?) is (" + value_pattern + r")\. Remember", text)
+        keys = [k for k, _ in stored]
+        asked = text.rsplit("What are all the pass keys of ", 1)[1].split("?")[0].split(", ")
+        assert len(answers) == 3 and len({v for _, v in stored}) == len(stored)  # values all distinct
+        assert sorted(answers) == sorted(v for k, v in stored if k in asked)
+        if variant == "multivalue":  # one key holds 3 values, 2 decoy keys one each
+            assert len(stored) == 5 and len(asked) == 1 and keys.count(asked[0]) == 3 and len(set(keys)) == 3
+        else:  # 3 keys asked, 2 decoys, every key distinct
+            assert len(stored) == 5 and len(asked) == 3 and len(set(keys)) == 5
+        assert abs(len(ids) - 1500) < 100
+    a, b = "river-stone", "1234567"
+    assert found(f" {a}, 7 and {b}.", a, False) and found(f" {b}.", b, False) and not found(" 12345678", b, False)
+    assert not found(" big-river-stone", a, False) and found(" 1234567 or 5", b, True)
+    assert not found(" 5, 1234567", b, True)  # the paper's single passkey: the first number must be it
+
+
+def test_essay_and_file_haystacks(tmp_path):
+    import random
+
+    tok = fixtures.tokenizer()
+    ids, [key] = make_prompt(tok, 3000, 0.5, random.Random(3), haystack="essay")
+    text = tok.decode(ids)
+    assert "The grass is green" not in text and "Python" in text and text.count(key) == 2
+    assert abs(len(ids) - 3000) < 150
+    own = tmp_path / "hay.txt"
+    own.write_text("Ships sail at dawn. Gulls follow them home! Who counts the waves?")
+    ids, [key] = make_prompt(tok, 800, 0.0, random.Random(3), haystack=str(own))
+    text = tok.decode(ids)
+    assert text.count("Gulls follow them home!") > 5 and text.count(key) == 2  # the short file, cycled
+
+
+def test_passkey_variants_end_to_end(tiny, tmp_path):
+    args = ["passkey", "--lengths", "2x", "--depths", "0,1", "--num-samples", "1", "--method", "vanilla,lm-infinite"]
+    args += ["--variants", "single,multivalue,multiquery", "--values", "2", "--queries", "2", "--key-type", "word"]
+    res = run(tiny, *args, "--haystack", "essay", out=tmp_path)
+    assert res.exit_code == 0, res.output
+    results, samples = load(tmp_path)
+    assert len(samples) == 2 * 3 * 2 and results["status"] == "complete"
+    assert all(0 <= s["recall"] <= 1 and s["correct"] == (s["recall"] == 1) for s in samples)
+    assert sum(isinstance(s["key"], list) and len(s["key"]) == 2 for s in samples) == 2 * 2 * 2
+    acc = pd.read_csv(tmp_path / "passkey_accuracy.csv", index_col=0)
+    variants = ("single", "multivalue", "multiquery")
+    assert list(acc.index) == [f"{m} [{v}]" for m in ("vanilla", "lm-infinite") for v in variants]
+    assert (tmp_path / "passkey_recall.csv").exists() and len(list(tmp_path.glob("passkey_heatmap_*.png"))) == 6
 
 
 BAD_INPUTS = {
@@ -290,6 +350,10 @@ BAD_INPUTS = {
     "n_global > n_local": (["ppl", "--n-global", "40"], "n_global (40) > n_local (32)"),
     "no document long enough": (["ppl", "--lengths", "1000x"], "longest of 3"),
     "bad depths": (["passkey", "--depths", "0,2"], "--depths"),
+    "unknown needle variant": (["passkey", "--variants", "single,multikey"], "unknown --variants"),
+    "unknown key type": (["passkey", "--key-type", "colour"], "unknown --key-type colour"),
+    "too many name keys": (["passkey", "--distractors", "12"], "only 12 names"),
+    "missing haystack file": (["passkey", "--haystack", "/no/such/hay.txt"], "--haystack /no/such/hay.txt"),
     "lm-eval without tasks": (["lm-eval"], "--tasks is required"),
     "unknown lm-eval task": (["lm-eval", "--tasks", "no_such_task"], "unknown lm-eval task no_such_task"),
     "lm-eval include path": (["lm-eval", "--tasks", "x", "--include-path", "/no/such/dir"], "--include-path"),
