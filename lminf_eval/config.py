@@ -30,7 +30,7 @@ class RunConfig:
     )
     dataset: str = option(
         "arxiv-sample",
-        "Registry name (arxiv-sample, web-sample, arxiv, openwebtext2, pg19), hub dataset id, or local "
+        "Registry name (arxiv-sample, web-sample, pg19, arxiv, openwebtext2, proof-pile), hub dataset id, or local "
         ".jsonl/.txt/directory.",
     )
     text_field: str | None = option(None, "Text field of jsonl/hub records (default: the dataset's, else text).")

@@ -18,17 +18,33 @@ class DatasetEntry:
     text_field: str = "text"
     subset: str | None = None
     note: str = ""
+    revision: str | None = None  # "refs/convert/parquet": the hub's own parquet export of a script dataset
 
 
+# The paper's corpora as maintained parquet datasets on the hub, streamed (a run reads its first documents,
+# never a whole corpus); no loading scripts, which `datasets` no longer runs.
 DATASETS: dict[str, DatasetEntry] = {
-    # the paper's corpora: the Pile is no longer hosted, these are the closest that are
+    "pg19": DatasetEntry("hub", "emozilla/pg19", "test", "text", note="PG-19 books (Project Gutenberg)"),
     "arxiv": DatasetEntry(
-        "hub", "ccdv/arxiv-summarization", "test", "article", note="ArXiv papers (paper: Pile ArXiv)"
+        "hub", "ccdv/arxiv-summarization", "test", "article", "document", note="ArXiv papers (paper: Pile ArXiv)"
     ),
     "openwebtext2": DatasetEntry(
-        "hub", "Skylion007/openwebtext", "train", "text", note="OpenWebText (paper: Pile OWT2)"
-    ),
-    "pg19": DatasetEntry("hub", "deepmind/pg19", "test", "text", note="Project Gutenberg books"),
+        "hub",
+        "Skylion007/openwebtext",
+        "train",
+        "text",
+        "plain_text",
+        "OpenWebText (paper: Pile OWT2)",
+        "refs/convert/parquet",
+    ),  # fmt: skip
+    "proof-pile": DatasetEntry(
+        "hub",
+        "hoskinson-center/proof-pile",
+        "test",
+        "text",
+        note="math papers and formal proofs",
+        revision="refs/convert/parquet",
+    ),  # fmt: skip
     # shipped offline stand-ins (scripts/build_samples.py); documents never seen by the tiny models
     "arxiv-sample": DatasetEntry("local", "data/arxiv-sample/eval", note="LaTeX manuals and papers (TeX Live docs)"),
     "web-sample": DatasetEntry("local", "data/web-sample/eval", note="technical prose (Debian, GNU, Jargon File)"),
@@ -74,7 +90,9 @@ def _hub_texts(entry: DatasetEntry, name: str):
     import datasets
 
     try:
-        stream = datasets.load_dataset(entry.target, entry.subset, split=entry.split, streaming=True)
+        stream = datasets.load_dataset(
+            entry.target, entry.subset, split=entry.split, streaming=True, revision=entry.revision
+        )
     except Exception as err:  # the hub answers in many ways; all mean the same to the user
         raise UserError(
             f"cannot open hub dataset {entry.target!r}: {type(err).__name__}: {err}".splitlines()[0]
