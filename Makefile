@@ -28,9 +28,10 @@ lint: setup
 demo: setup
 	$(VENV)/bin/lminf-eval ppl --config configs/demo.yaml
 
-## reproduce: the paper's tables at CPU scale into results/paper/ (PROFILE=quick|default|paper)
+## reproduce: the paper's tables at CPU scale into results/paper/ (PROFILE=quick|default|paper; DRY_RUN=1 checks
+## every step offline and prints the plan)
 reproduce: setup
-	$(PY) scripts/reproduce.py --profile $(PROFILE)
+	$(PY) scripts/reproduce.py --profile $(PROFILE) $(if $(DRY_RUN),--dry-run)
 
 ## bench: core speed/memory benchmark, vanilla SDPA vs LM-Infinite on SmolLM2-135M
 bench: setup

@@ -38,6 +38,7 @@ REGISTRY: dict[str, Entry] = {
     "llama-2-7b": Entry("hub", "meta-llama/Llama-2-7b-hf", "paper Table 1", 4096),
     "llama-2-7b-chat": Entry("hub", "meta-llama/Llama-2-7b-chat-hf", "paper Table 2", 4096),
     "llama-7b": Entry("hub", "huggyllama/llama-7b", "paper Table 1", 2048),
+    "llama-3-8b": Entry("hub", "meta-llama/Meta-Llama-3-8B", "RULER through lm-eval", 8192),
     "gpt-j-6b": Entry("hub", "EleutherAI/gpt-j-6b", "paper Table 1", 2048),
     "mpt-7b": Entry("hub", "mosaicml/mpt-7b", "paper Table 1 (config says 2048)", 2048),
 }
@@ -131,56 +132,64 @@ def pretraining_length_for(name: str) -> int | None:
     return entry.pretraining_length if entry else None
 
 
+def model_source(name: str) -> tuple[str, str]:
+    """(kind, source) of a --model value, checked offline without loading anything: "gguf-package" (a
+    package name), "gguf" (a file), "local" (a directory) or "hub" (an id). ModelError names the fix."""
+    entry = REGISTRY.get(name)
+    if entry is not None and entry.kind == "gguf-package":
+        return "gguf-package", entry.target
+    if entry is not None and entry.kind == "local":
+        path = REPO_ROOT / entry.target
+        if not (path / "config.json").exists():
+            raise ModelError(f"{name} is not built: run `make models` (expected {path})")
+        return "local", str(path)
+    source = entry.target if entry is not None else name
+    path = Path(source)
+    if path.suffix == ".gguf":
+        if not path.exists():
+            raise ModelError(f"no such file {path}")
+        return "gguf", source
+    if path.exists():
+        return "local", source
+    if source.startswith((".", "/")) or source.count("/") != 1:
+        raise ModelError(
+            f"unknown model {name!r}: use a registry name ({', '.join(REGISTRY)}), a local directory, "
+            "a .gguf file, or a hub id like org/name"
+        )
+    return "hub", source
+
+
 def load_model(name: str, dtype: str | torch.dtype = "float32", device: str = "cpu", device_map: str | None = None):
     """Return (model, tokenizer), eval mode, on `device`. Errors are ModelError with a one-line fix."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch_dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
-    entry = REGISTRY.get(name)
-    if entry is not None and entry.kind == "gguf-package":
-        model, tok = load_gguf(gguf_in_package(entry.target), name, torch_dtype)
+    kind, source = model_source(name)
+    if kind == "gguf-package":
+        model, tok = load_gguf(gguf_in_package(source), name, torch_dtype)
+    elif kind == "gguf":
+        model, tok = load_gguf(Path(source), Path(source).stem, torch_dtype)
     else:
-        if entry is not None and entry.kind == "local":
-            path = REPO_ROOT / entry.target
-            if not (path / "config.json").exists():
-                raise ModelError(f"{name} is not built: run `make models` (expected {path})")
-            source = str(path)
-        elif entry is not None:
-            source = entry.target
-        else:
-            source = name
-        path = Path(source)
-        if path.suffix == ".gguf":
-            if not path.exists():
-                raise ModelError(f"no such file {path}")
-            model, tok = load_gguf(path, path.stem, torch_dtype)
-        else:
-            if not path.exists() and (source.startswith((".", "/")) or source.count("/") != 1):
-                raise ModelError(
-                    f"unknown model {name!r}: use a registry name ({', '.join(REGISTRY)}), a local directory, "
-                    "a .gguf file, or a hub id like org/name"
-                )
-            if not path.exists() and not hub_reachable():
-                raise ModelError(
-                    f"model {name!r} needs the Hugging Face hub, which this machine cannot reach: "
-                    "download it elsewhere and pass its local directory"
-                )
-            try:
-                kwargs = {"dtype": torch_dtype}
-                if device_map:
-                    kwargs["device_map"] = device_map
-                model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
-                tok = AutoTokenizer.from_pretrained(source)
-            except ValueError as err:  # e.g. a config that needs remote code, or an unknown model type
-                raise ModelError(f"cannot load model {name!r}: {str(err).splitlines()[0][:200]}") from None
-            except OSError as err:
-                offline = not path.exists()
-                hint = (
-                    "this machine cannot reach the hub: download it elsewhere and pass the local directory"
-                    if offline
-                    else "check the directory holds a transformers checkpoint"
-                )
-                raise ModelError(f"cannot load model {name!r} ({type(err).__name__}): {hint}") from None
+        if kind == "hub" and not hub_reachable():
+            raise ModelError(
+                f"model {name!r} needs the Hugging Face hub, which this machine cannot reach: "
+                "download it elsewhere and pass its local directory"
+            )
+        try:
+            kwargs = {"dtype": torch_dtype}
+            if device_map:
+                kwargs["device_map"] = device_map
+            model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+            tok = AutoTokenizer.from_pretrained(source)
+        except ValueError as err:  # e.g. a config that needs remote code, or an unknown model type
+            raise ModelError(f"cannot load model {name!r}: {str(err).splitlines()[0][:200]}") from None
+        except OSError as err:
+            hint = (
+                "this machine cannot reach the hub: download it elsewhere and pass the local directory"
+                if kind == "hub"
+                else "check the directory holds a transformers checkpoint"
+            )
+            raise ModelError(f"cannot load model {name!r} ({type(err).__name__}): {hint}") from None
     if not device_map:
         model = model.to(device)
     return model.eval(), tok

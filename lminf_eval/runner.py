@@ -20,10 +20,10 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from .config import RunConfig, parse_lengths
-from .data import check_dataset
+from .data import check_dataset, iter_texts, resolve_dataset
 from .errors import UserError
 from .methods import applied, parse_methods
-from .models import load_model, pretraining_length_for, weights_digest
+from .models import load_model, model_source, pretraining_length_for, weights_digest
 from .patch import pretraining_length
 from .results import RunDir, cell_id, default_output_dir, earlier_runs, format_number, git_hash, versions
 from .task import Cell, Context, Task, console
@@ -157,6 +157,33 @@ def execute(task_type: type[Task], run_config: RunConfig) -> Path:
         console.print(f"[yellow]interrupted: finished cells are in {out}; rerun with --resume --output-dir {out}")
         raise KeyboardInterrupt
     return run.path
+
+
+def plan(task_type: type[Task], run_config: RunConfig) -> dict:
+    """What a run would do, every argument checked offline and nothing loaded (a profile's dry run): the
+    model's source, the dataset, L_pre, the lengths and each method's resolved settings. A hub model's L_pre
+    comes from the registry or --pretraining-length (its config is on the hub); a bad value is a UserError."""
+    methods = parse_methods(run_config.method)
+    kind, source = model_source(run_config.model)
+    dataset = resolve_dataset(run_config.dataset, run_config.text_field, run_config.split)
+    if dataset.kind == "local":
+        iter_texts(run_config.dataset, dataset)
+    l_pre = run_config.pretraining_length or pretraining_length_for(run_config.model)
+    if not l_pre and kind == "local":
+        from transformers import AutoConfig
+
+        from .patch import pretraining_length
+
+        l_pre = pretraining_length(AutoConfig.from_pretrained(source))
+    out = {"command": task_type.name, "model": f"{kind}:{source}", "dataset": f"{dataset.kind}:{dataset.target}"}
+    if not l_pre:  # (a GGUF's L_pre is read when it loads)
+        return out | {"pretraining_length": "from the model", "lengths": run_config.lengths, "methods": None}
+    lengths = parse_lengths(run_config.lengths or task_type.default_lengths, l_pre)
+    settings = {
+        m.label: _jsonable(m.settings(l_pre, max(lengths), task_type.settings_defaults, run_config.settings))
+        for m in methods
+    }
+    return out | {"pretraining_length": l_pre, "lengths": lengths, "methods": settings}
 
 
 def _fingerprint(task: Task, dtype: str) -> dict:

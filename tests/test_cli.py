@@ -754,3 +754,30 @@ def test_result_table_fits_80_columns(capsys, monkeypatch):
     out = capsys.readouterr().out
     assert "…" not in out and "lm-infinite" in out and "overall" in out and "596.13" in out
     assert max(len(line) for line in out.splitlines()) <= 80
+
+
+def test_paper_profile_dry_run_checks_every_step_offline(monkeypatch):
+    """`reproduce.py --profile paper --dry-run` plans every step of the GPU profile here, offline, and a step
+    with a bad argument is named in one line."""
+    import importlib.util
+
+    import yaml
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    root = Path(__file__).resolve().parent.parent
+    spec = importlib.util.spec_from_file_location("reproduce", root / "scripts" / "reproduce.py")
+    reproduce = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(reproduce)
+    steps = reproduce.load_profile("paper")
+    assert len(steps) == len(yaml.safe_load((root / "configs" / "paper.yaml").read_text())["steps"])
+    assert reproduce.dry_run(steps) == []
+    bad = {
+        "typo-method": ["ppl", "--model", "llama-2-7b", "--method", "lm-infinty"],
+        "typo-flag": ["passkey", "--model", "llama-2-7b", "--num-sample", "3"],
+        "typo-dataset": ["ppl", "--model", "llama-2-7b", "--dataset", "pg-19"],
+        "bad-setting": ["ppl", "--model", "llama-2-7b", "--method", "self-extend:group_size=0"],
+        "fine": ["ppl", "--model", "llama-2-7b", "--dataset", "pg19", "--lengths", "1x,8x"],
+    }
+    failed = reproduce.dry_run(bad)
+    assert [line.split(":")[0] for line in failed] == ["typo-method", "typo-flag", "typo-dataset", "bad-setting"]
+    assert "unknown method" in failed[0] and "--num-sample" in failed[1] and "unknown dataset" in failed[2]
