@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pandas as pd
 import torch
 
@@ -41,3 +43,8 @@ def greedy(model, ids: torch.Tensor, new_tokens: int, pad_token_id: int | None) 
             pad_token_id=pad_token_id,
         )
     return out[0, ids.shape[1] :]
+
+
+def slug(label: str) -> str:
+    """A method label (`lm-infinite:top_k=5`) as a file name."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", label)

@@ -18,12 +18,12 @@ from pathlib import Path
 from lminf_eval.errors import INSTALL_LM_EVAL, UserError
 from lminf_eval.task import Cell, Task, option, register_task
 
-from .base import method_table, ok_rows
+from .base import method_table, ok_rows, slug
 
 
 @dataclass
 class HarnessOptions:
-    tasks: str = option("", "lm-eval tasks or groups, comma-separated (e.g. niah_single_1,vt or ruler).")
+    tasks: str = option("", "lm-eval tasks, groups or tags, comma-separated (e.g. niah_single_1,ruler_vt or ruler).")
     limit: int = option(0, "Samples per task (0: all).", min=0)
     num_fewshot: int = option(-1, "Few-shot examples (-1: each task's own default).", min=-1)
     batch_size: int = option(1, "lm-eval batch size.", min=1)
@@ -117,7 +117,7 @@ class Harness(Task):
             folder = ctx.run.path / "lm-eval-samples"
             folder.mkdir(exist_ok=True)
             for task, samples in out.pop("samples").items():
-                name = f"{_safe(cell.key['method'])}__{task}" + (f"__{lengths[0]}" if "length" in cell.key else "")
+                name = f"{slug(cell.key['method'])}__{task}" + (f"__{lengths[0]}" if "length" in cell.key else "")
                 name += ".jsonl"
                 (folder / name).write_text("".join(json.dumps(s, default=str) + "\n" for s in samples))
         keep = ("results", "group_subtasks", "configs", "versions", "n-shot", "higher_is_better", "n-samples")
@@ -170,7 +170,3 @@ def _metric(name: str, value, lengths: list[int]) -> str | None:
     if isinstance(value, float) and math.isnan(value):
         return None
     return metric if filt == "none" else f"{metric} ({filt})"
-
-
-def _safe(label: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in label)

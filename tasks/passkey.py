@@ -28,7 +28,7 @@ from lminf_eval.errors import UserError
 from lminf_eval.models import REPO_ROOT
 from lminf_eval.task import Cell, Task, option, register_task
 
-from .base import greedy, method_table, ok_rows, truncated
+from .base import greedy, method_table, ok_rows, slug, truncated
 
 PREFIX = (
     "There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
@@ -316,9 +316,5 @@ class Passkey(Task):
         ax.set_title(f"passkey accuracy %: {label}")
         fig.colorbar(im)
         fig.tight_layout()
-        fig.savefig(ctx.run.path / f"passkey_heatmap_{_slug(label)}.png", dpi=110)
+        fig.savefig(ctx.run.path / f"passkey_heatmap_{slug(label)}.png", dpi=110)
         plt.close(fig)
-
-
-def _slug(label: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", label)
