@@ -136,7 +136,7 @@ def _default(f) -> Any:
 
 
 def _with_default(help: str, default) -> str:
-    if default is None or default is False:
+    if default is None or default is False or default == "":
         return help
     shown = ",".join(map(str, default)) if isinstance(default, list) else default
     return f"{help} (default: {shown})"  # (square brackets would be read as rich markup)

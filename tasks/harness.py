@@ -24,7 +24,7 @@ from .base import method_table, ok_rows, slug
 @dataclass
 class HarnessOptions:
     tasks: str = option("", "lm-eval tasks, groups or tags, comma-separated (e.g. niah_single_1,ruler_vt or ruler).")
-    limit: int = option(0, "Samples per task (0: all).", min=0)
+    limit: int = option(0, "Samples per task (and per length for RULER-style tasks; 0: all).", min=0)
     num_fewshot: int = option(-1, "Few-shot examples (-1: each task's own default).", min=-1)
     batch_size: int = option(1, "lm-eval batch size.", min=1)
     max_gen_toks: int = option(0, "Cap on generated tokens per answer (0: each task's own).", min=0)
