@@ -36,7 +36,7 @@ DATASETS: dict[str, DatasetEntry] = {
         "plain_text",
         "OpenWebText (paper: Pile OWT2)",
         "refs/convert/parquet",
-    ),  # fmt: skip
+    ),
     "proof-pile": DatasetEntry(
         "hub",
         "hoskinson-center/proof-pile",
@@ -44,7 +44,7 @@ DATASETS: dict[str, DatasetEntry] = {
         "text",
         note="math papers and formal proofs",
         revision="refs/convert/parquet",
-    ),  # fmt: skip
+    ),
     # shipped offline stand-ins (scripts/build_samples.py); documents never seen by the tiny models
     "arxiv-sample": DatasetEntry("local", "data/arxiv-sample/eval", note="LaTeX manuals and papers (TeX Live docs)"),
     "web-sample": DatasetEntry("local", "data/web-sample/eval", note="technical prose (Debian, GNU, Jargon File)"),

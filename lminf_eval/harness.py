@@ -13,8 +13,6 @@ methods through this class on one model load. lm-eval is an optional extra: `pip
 
 from __future__ import annotations
 
-import torch
-
 from .errors import INSTALL_LM_EVAL, UserError
 
 try:
@@ -26,6 +24,7 @@ except ImportError as err:  # the bridge is an optional extra
 from .methods import Method, apply_method, parse_method
 from .models import load_model, pretraining_length_for
 from .patch import pretraining_length as config_pretraining_length
+from .runner import resolve_device
 from .settings import NAMES
 
 
@@ -53,9 +52,8 @@ class LMInfLM(HFLM):
         chosen = parse_method(spec)
         l_pre = pretraining_length
         if isinstance(pretrained, str):  # a registry name, local dir, .gguf file or hub id, as in lminf-eval
-            device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-            if dtype == "auto":
-                dtype = "bfloat16" if device.startswith("cuda") else "float32"
+            resolved, dtype = resolve_device(device or "auto", dtype)
+            device = str(resolved)
             l_pre = l_pre or pretraining_length_for(pretrained)
             pretrained, loaded_tokenizer = load_model(pretrained, dtype, device)
             tokenizer = tokenizer or loaded_tokenizer

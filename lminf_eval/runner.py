@@ -72,8 +72,9 @@ def _resumable(run_config: RunConfig, fingerprint: dict) -> Path:
     raise UserError(f"--resume found no earlier {what}: pass --output-dir")
 
 
-def resolve_device(run_config: RunConfig) -> tuple[torch.device, str]:
-    device = run_config.device
+def resolve_device(device: str, dtype: str) -> tuple[torch.device, str]:
+    """`--device` and `--dtype` with `auto` resolved (cuda and bfloat16 when a GPU is visible)."""
+    asked_dtype = dtype
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device != "cpu" and not re.fullmatch(r"cuda(:\d+)?", device):
@@ -82,11 +83,10 @@ def resolve_device(run_config: RunConfig) -> tuple[torch.device, str]:
         raise UserError("--device cuda asked for, but no CUDA device is visible: use --device cpu")
     if device == "cuda" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
-    dtype = run_config.dtype
     if dtype == "auto":
         dtype = "bfloat16" if device.startswith("cuda") else "float32"
     if dtype not in ("float32", "float16", "bfloat16"):
-        raise UserError(f"unknown --dtype {run_config.dtype!r}: use auto, float32, float16 or bfloat16")
+        raise UserError(f"unknown --dtype {asked_dtype!r}: use auto, float32, float16 or bfloat16")
     return torch.device(device), dtype
 
 
@@ -104,7 +104,7 @@ def execute(task_type: type[Task], run_config: RunConfig) -> Path:
     rank, world = distributed(run_config.device)
     methods = parse_methods(run_config.method)  # fail fast on a typo, before a model loads
     check_dataset(run_config.dataset, run_config.text_field, run_config.split)
-    device, dtype = resolve_device(run_config)
+    device, dtype = resolve_device(run_config.device, run_config.dtype)
     out = chosen_output_dir(run_config, world)
     if out is not None and rank == 0:  # (checked again under the folder's lock in `RunDir.open`)
         RunDir(out).refuse_results(run_config.resume)
@@ -171,8 +171,6 @@ def plan(task_type: type[Task], run_config: RunConfig) -> dict:
     l_pre = run_config.pretraining_length or pretraining_length_for(run_config.model)
     if not l_pre and kind == "local":
         from transformers import AutoConfig
-
-        from .patch import pretraining_length
 
         l_pre = pretraining_length(AutoConfig.from_pretrained(source))
     out = {"command": task_type.name, "model": f"{kind}:{source}", "dataset": f"{dataset.kind}:{dataset.target}"}
