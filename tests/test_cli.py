@@ -352,6 +352,7 @@ BAD_INPUTS = {
     "bad depths": (["passkey", "--depths", "0,2"], "--depths"),
     "unknown needle variant": (["passkey", "--variants", "single,multikey"], "unknown --variants"),
     "unknown key type": (["passkey", "--key-type", "colour"], "unknown --key-type colour"),
+    "unknown value type": (["passkey", "--value-type", "name"], "unknown --value-type name"),
     "too many name keys": (["passkey", "--distractors", "12"], "only 12 names"),
     "missing haystack file": (["passkey", "--haystack", "/no/such/hay.txt"], "--haystack /no/such/hay.txt"),
     "lm-eval without tasks": (["lm-eval"], "--tasks is required"),
