@@ -3,7 +3,7 @@
     python scripts/reproduce.py [--profile quick|default|paper] [--only TEXT] [--out DIR] [--dry-run]
 
 A profile is data: `configs/<profile>.yaml` maps each step (its results folder) to one `lminf-eval` command.
-quick (~15-20 min on a 2-core CPU) and default (~4.1 h, the sum of its steps' wall times measured here, over
+quick (~15-20 min on a 2-core CPU) and default (~9.8 h, the sum of its steps' wall times measured here, over
 several resumed runs) run offline on the shipped models and corpora; paper runs the real grid (7B models, hub
 corpora) on a GPU machine with hub access. Each step runs in its own process and is skipped once complete,
 resumed if interrupted; TABLES.md then collects every table with the command, machine and versions that
