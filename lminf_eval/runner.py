@@ -12,6 +12,7 @@ from contextlib import contextmanager
 from dataclasses import asdict
 from itertools import groupby
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from rich import box
@@ -100,7 +101,13 @@ def is_oom(err: BaseException) -> bool:
 
 def execute(task_type: type[Task], run_config: RunConfig) -> Path:
     """Run every cell of `task_type` for `run_config` (resuming if asked), then write results.json and tables.
-    Nothing is written before every input has been checked and the first cell is about to start."""
+    Nothing is written before every input has been checked and the first cell is about to start. SIGTERM
+    ends the run as Ctrl-C does at any moment of it (`_sigterm_as_interrupt`)."""
+    with _sigterm_as_interrupt():
+        return _execute(task_type, run_config)
+
+
+def _execute(task_type: type[Task], run_config: RunConfig) -> Path:
     rank, world = distributed(run_config.device)
     methods = parse_methods(run_config.method)  # fail fast on a typo, before a model loads
     check_dataset(run_config.dataset, run_config.text_field, run_config.split)
@@ -141,15 +148,16 @@ def execute(task_type: type[Task], run_config: RunConfig) -> Path:
         started = time.time()
         interrupted = False
         try:
-            with _sigterm_as_interrupt():
-                _run_cells(task, mine, len(cells), len(cells) - len(mine) if world == 1 else 0)
+            _run_cells(task, mine, len(cells), len(cells) - len(mine) if world == 1 else 0)
         except KeyboardInterrupt:
             interrupted = True
-        barrier(world)
-        if rank == 0:
-            if world > 1:
-                run.merge_ranks()
-            _summarize(task, cells, started, interrupted)
+        with _signals_deferred() as deferred:  # results.json is written whole, whatever arrives meanwhile
+            barrier(world)
+            if rank == 0:
+                if world > 1:
+                    run.merge_ranks()
+                _summarize(task, cells, started, interrupted)
+        interrupted = interrupted or deferred.arrived
     finally:
         run.close()
     if interrupted:
@@ -206,7 +214,8 @@ def _fingerprint(task: Task, dtype: str) -> dict:
 
 @contextmanager
 def _sigterm_as_interrupt():
-    """SIGTERM (timeout, Slurm, Kubernetes) ends the run as Ctrl-C does: finished cells kept, resumable."""
+    """SIGTERM (timeout, Slurm, Kubernetes) ends the run as Ctrl-C does: finished cells kept, resumable. Held
+    for the whole run, so no moment of it (model load, cells, summary) dies of the default handler."""
 
     def interrupt(signum, frame):
         raise KeyboardInterrupt
@@ -219,6 +228,26 @@ def _sigterm_as_interrupt():
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+@contextmanager
+def _signals_deferred():
+    """While results are written, Ctrl-C and SIGTERM are noted instead of raised: the summary (and its status,
+    which says what finished) is written whole, then the run ends as interrupted (`.arrived`)."""
+    state = SimpleNamespace(arrived=False)
+    if threading.current_thread() is not threading.main_thread():
+        yield state
+        return
+
+    def note(signum, frame):
+        state.arrived = True
+
+    previous = {sig: signal.signal(sig, note) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield state
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _run_cells(task: Task, cells: list[Cell], total: int, skipped: int) -> None:

@@ -603,22 +603,47 @@ def test_failed_start_writes_nothing_and_resume_finds_the_run(tiny, tmp_path, mo
     assert res.exit_code == 0 and (first / "results.json").exists()
 
 
-def test_sigterm_ends_the_run_like_ctrl_c(tiny, tmp_path):
-    import signal
-    import time
+def _signalled_run(tiny, out: Path, at: str, sig: str = "SIGTERM") -> tuple[subprocess.CompletedProcess, Path]:
+    """A real `lminf-eval ppl` process that sends itself `sig` at a known point (`at`): the second cell's
+    start ("cell") or the summary's ("summary"). No sleep races the run: the signal lands where the test says."""
+    args = ["ppl", "--model", str(tiny.model), "--dataset", str(tiny.data), "--lengths", "1x,8x", "--num-docs", "3"]
+    args += ["--method", "vanilla,lm-infinite,window", "--n-global", "4", "--output-dir", str(out)]
+    script = f"""
+import os, signal, sys
+from lminf_eval.tasks.ppl import Perplexity
+calls = []
+def hook(original):
+    def wrapped(self, *a):
+        calls.append(1)
+        if {at!r} == "summary" or len(calls) == 2:
+            os.kill(os.getpid(), signal.{sig})
+        return original(self, *a)
+    return wrapped
+name = "run_cell" if {at!r} == "cell" else "summarize"
+setattr(Perplexity, name, hook(getattr(Perplexity, name)))
+from lminf_eval.cli import app
+sys.exit(app({args!r}))
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    return proc, out
 
-    cmd = [sys.executable, "-m", "lminf_eval", "ppl", "--model", str(tiny.model), "--dataset", str(tiny.data)]
-    cmd += ["--lengths", "1x,8x", "--num-docs", "3", "--method", "vanilla,lm-infinite,window", "--n-global", "4"]
-    proc = subprocess.Popen([*cmd, "--output-dir", str(tmp_path)], stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 300
-    while not (tmp_path / "samples.jsonl").exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=300)
-    assert (tmp_path / "results.json").exists(), (proc.returncode, err[-3000:])
-    results, samples = load(tmp_path)
-    assert proc.returncode == 130 and results["status"] == "interrupted" and 1 <= len(samples) < 9, err[-2000:]
-    assert "--resume" in err
+
+def test_sigterm_ends_the_run_like_ctrl_c(tiny, tmp_path):
+    proc, out = _signalled_run(tiny, tmp_path, "cell")
+    assert (out / "results.json").exists(), (proc.returncode, proc.stderr[-3000:])
+    results, samples = load(out)
+    assert proc.returncode == 130 and results["status"] == "interrupted" and len(samples) == 1, proc.stderr[-2000:]
+    assert results["cells"] == {"total": 1, "planned": 9, "oom": 0}
+    assert "--resume" in proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
+def test_a_signal_during_the_summary_still_writes_it_whole(tiny, tmp_path, sig):
+    """The window the old test raced into: every cell done, the signal lands while results are written."""
+    proc, out = _signalled_run(tiny, tmp_path, "summary", sig)
+    assert proc.returncode == 130, (proc.returncode, proc.stderr[-3000:])
+    results, samples = load(out)
+    assert results["status"] == "complete" and len(samples) == 9 and (out / "ppl.md").exists()
 
 
 def test_resume_retries_oom_cells(tiny, tmp_path, monkeypatch):
