@@ -33,7 +33,7 @@ def rss_mb() -> float:
 
 def load(method: str):
     import lminf_eval
-    from lminf_eval.models import load_model
+    from lminf_eval.harness.models import load_model
 
     model, _ = load_model(MODEL)
     model.set_attn_implementation("sdpa")
@@ -96,7 +96,7 @@ def filled_cache(model, method: str, n: int):
 
 
 def decode_cell(method: str, n: int, queue, steps: int = 64) -> None:
-    from lminf_eval.measure import decode_times, median
+    from lminf_eval.harness.measure import decode_times, median
 
     torch.manual_seed(0)
     model = load(method)
@@ -235,7 +235,7 @@ def main() -> None:
             results.append(run(cached_prefill_cell, method, n))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    from lminf_eval.results import git_hash, versions
+    from lminf_eval.harness.results import git_hash, versions
 
     meta = {
         "command": " ".join(["python"] + sys.argv),

@@ -23,9 +23,9 @@ import torch
 import torch.nn.functional as F
 
 import lminf_eval
-from lminf_eval.measure import decode_times
+from lminf_eval.harness.measure import decode_times
+from lminf_eval.harness.results import git_hash, versions
 from lminf_eval.patch import position_encoding
-from lminf_eval.results import git_hash, versions
 
 GIB = 1 << 30
 PROFILE = False  # --profile: print where the LM-Infinite kernel call spends its GPU time

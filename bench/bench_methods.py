@@ -28,8 +28,8 @@ sys.path.insert(0, str(ROOT))
 
 from lminf_eval.attention import Plan, lambda_attention  # noqa: E402
 from lminf_eval.attention.positions import Rope  # noqa: E402
+from lminf_eval.harness.results import git_hash, versions  # noqa: E402
 from lminf_eval.methods import parse_method  # noqa: E402
-from lminf_eval.results import git_hash, versions  # noqa: E402
 
 L_PRE, HEADS, KV_HEADS, HEAD_DIM, ROPE_THETA = 8192, 9, 3, 64, 100000.0  # SmolLM2-135M
 

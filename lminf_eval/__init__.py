@@ -2,8 +2,9 @@
 mask and a distance ceiling (Han et al., NAACL 2024), plus the harness that evaluates it."""
 
 from .cache import LMInfiniteCache
+from .errors import LMInfiniteError
 from .patch import FAMILIES, apply_lm_infinite, configure, register_attention, remove_lm_infinite, use_implementation
-from .settings import LMInfiniteError, Settings
+from .settings import Settings
 
 __version__ = "0.1.0"
 __all__ = [

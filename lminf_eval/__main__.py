@@ -1,5 +1,5 @@
 """`python -m lminf_eval ...` (and `accelerate launch -m lminf_eval ...`)."""
 
-from .cli import main
+from .harness.cli import main
 
 main()

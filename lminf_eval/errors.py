@@ -5,4 +5,12 @@ class UserError(ValueError):
     """Bad input that the user can fix; the message names the fix."""
 
 
+class LMInfiniteError(UserError):
+    """The library's error: a bad argument or an unsupported model; one line that names the fix."""
+
+
+class ModelError(UserError):
+    """A model that cannot be found or loaded; the message is one line and names the fix."""
+
+
 INSTALL_LM_EVAL = "lm-eval is not installed: pip install 'lminf-eval[lm-eval]'"

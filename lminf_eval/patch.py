@@ -3,7 +3,7 @@
 The path of one forward: a pre-hook on the base model builds the `Forward` (the `Plan` of where each token
 sits, the settings, the position encoding) and, when a cache is used, swaps in the bounded `LMInfiniteCache`.
 RoPE families receive the `Forward` as the keyword argument `lm_infinite`, which transformers hands down to the
-attention function registered as "lm_infinite" (`lm_infinite_attention` -> `attention.kernel.lambda_attention`).
+attention function registered as "lm_infinite" (`lm_infinite_attention` -> `attention.dispatch.lambda_attention`).
 MPT and Bloom compute attention inline and pass no keyword arguments down, so their attention modules get a
 small replacement forward (`AlibiAttention`, holding the `Patch`), which reads the `Forward` the hook left in
 `Patch.current`.
@@ -24,12 +24,13 @@ from transformers.cache_utils import Cache, DynamicCache
 from transformers.masking_utils import AttentionMaskInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from .attention.kernel import lambda_attention
+from .attention.dispatch import lambda_attention
 from .attention.plan import Plan
 from .attention.positions import Alibi, Rope, bloom_slopes, gptj_inv_freq, mpt_slopes
 from .cache import LMInfiniteCache
+from .errors import LMInfiniteError
 from .rope_scaling import apply_rope_scaling
-from .settings import LMInfiniteError, Settings
+from .settings import Settings
 
 IMPLEMENTATION = "lm_infinite"
 
@@ -157,7 +158,7 @@ def configure(model: nn.Module, **changes) -> None:
 
 
 def register_attention(name: str, kernel: Callable) -> None:
-    """Register `kernel` (the signature of `attention.kernel.lambda_attention`) with transformers' attention and
+    """Register `kernel` (the signature of `attention.dispatch.lambda_attention`) with transformers' attention and
     mask registries under `name`; `use_implementation(model, name)` then routes a patched model through it."""
     AttentionInterface.register(name, _attention_function(kernel))
     AttentionMaskInterface.register(name, lm_infinite_mask)

@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 from torch import nn
 
-from .settings import LMInfiniteError
+from .errors import LMInfiniteError
 
 
 def apply_rope_scaling(model: nn.Module, rope_type: str, factor: float, pretraining_length: int) -> Callable:

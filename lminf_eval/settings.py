@@ -12,17 +12,13 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, fields
 
-from .errors import UserError
+from .errors import LMInfiniteError
 
 BACKENDS = ("auto", "blocks", "blocks-masked", "plain", "flex")
 # where a visible pair at or past the ceiling L is scored (rules in attention/plan.py `far_positions`)
 FAR_DISTANCES = ("ceiling", "cache", "grouped", "leaky")
 # transformers' rope_parameters types we set (none: the model's own)
 ROPE_TYPES = ("none", "linear", "dynamic", "yarn")
-
-
-class LMInfiniteError(UserError):
-    """A bad argument or an unsupported model; the message is one line and names the fix."""
 
 
 @dataclass(frozen=True)

@@ -161,7 +161,7 @@ def web_documents(roots: dict) -> list[dict]:
 
 
 def tokenizer():
-    from lminf_eval.models import load_model
+    from lminf_eval.harness.models import load_model
 
     return load_model("smollm2-135m")[1]
 

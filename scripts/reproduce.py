@@ -29,7 +29,7 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from lminf_eval.report import build_report  # noqa: E402
+from lminf_eval.harness.report import build_report  # noqa: E402
 
 
 def load_profile(name: str) -> dict[str, list[str]]:
@@ -43,8 +43,8 @@ def parsed(args: list[str]):
     --config files included)."""
     import typer
 
-    from lminf_eval.cli import app, collect
-    from lminf_eval.task import TASKS
+    from lminf_eval.harness.cli import app, collect
+    from lminf_eval.harness.task import TASKS
 
     name, *flags = args
     ctx = typer.main.get_command(app).commands[name].make_context(name, flags)
@@ -60,7 +60,7 @@ def run_config(args: list[str]) -> dict:
 def dry_run(steps: dict[str, list[str]]) -> list[str]:
     """Check every step offline and print its plan; returns the lines of the steps that fail."""
     from lminf_eval.errors import UserError
-    from lminf_eval.runner import plan
+    from lminf_eval.harness.runner import plan
 
     failed = []
     for name, args in steps.items():

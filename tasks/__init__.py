@@ -1,4 +1,4 @@
-"""The paper's evaluations, one module each; importing this package registers them (`lminf_eval.task.TASKS`)."""
+"""The paper's evaluations, one module each; importing this package registers them (`lminf_eval.harness.task.TASKS`)."""
 
 from . import diagnose, generate, harness, passkey, ppl, stream, timing
 

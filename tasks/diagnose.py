@@ -16,9 +16,9 @@ import torch
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from lminf_eval.data import Document, load_documents
 from lminf_eval.errors import UserError
-from lminf_eval.task import Cell, Task, console, register_task
+from lminf_eval.harness.data import Document, load_documents
+from lminf_eval.harness.task import Cell, Task, console, register_task
 
 from .base import method_table, ok_rows
 

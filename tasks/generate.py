@@ -10,8 +10,8 @@ import sacrebleu
 import torch
 from rouge_score import rouge_scorer
 
-from lminf_eval.data import Document, load_documents
-from lminf_eval.task import Cell, Task, option, register_task
+from lminf_eval.harness.data import Document, load_documents
+from lminf_eval.harness.task import Cell, Task, option, register_task
 
 from .base import greedy, method_table, ok_rows, truncated
 

@@ -25,8 +25,8 @@ import numpy as np
 import torch
 
 from lminf_eval.errors import UserError
-from lminf_eval.models import REPO_ROOT
-from lminf_eval.task import Cell, Task, option, register_task
+from lminf_eval.harness.models import REPO_ROOT
+from lminf_eval.harness.task import Cell, Task, option, register_task
 
 from .base import greedy, method_table, ok_rows, slug, truncated
 

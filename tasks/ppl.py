@@ -12,8 +12,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from lminf_eval.data import Document, load_documents
-from lminf_eval.task import Cell, Task, console, option, register_task
+from lminf_eval.harness.data import Document, load_documents
+from lminf_eval.harness.task import Cell, Task, console, option, register_task
 
 from .base import method_table, ok_rows
 

@@ -10,9 +10,9 @@ from dataclasses import dataclass
 import psutil
 import torch
 
-from lminf_eval.data import load_documents
 from lminf_eval.errors import UserError
-from lminf_eval.task import Cell, Task, option, register_task
+from lminf_eval.harness.data import load_documents
+from lminf_eval.harness.task import Cell, Task, option, register_task
 
 from .base import method_table, ok_rows
 

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
-from lminf_eval.measure import PeakMemory, decode_times, median, sync
-from lminf_eval.task import Cell, Task, option, register_task
+from lminf_eval.harness.measure import PeakMemory, decode_times, median, sync
+from lminf_eval.harness.task import Cell, Task, option, register_task
 
 from .base import method_table, ok_rows, truncated
 

@@ -21,7 +21,7 @@ from lminf_eval.tasks.passkey import Needles, first_integer, found, make_prompt
 from lminf_eval.tasks.ppl import Perplexity, PerplexityOptions
 from typer.testing import CliRunner
 
-from lminf_eval.cli import app
+from lminf_eval.harness.cli import app
 from lminf_eval.methods import parse_methods
 
 runner = CliRunner()
@@ -580,7 +580,7 @@ def test_resume_refuses_a_different_run(tiny, tmp_path):
 
 
 def test_a_locked_folder_refuses_a_second_run(tiny, tmp_path):
-    from lminf_eval.results import _lock
+    from lminf_eval.harness.results import _lock
 
     tmp_path.mkdir(exist_ok=True)
     held = _lock(tmp_path)  # as a first run holds it
@@ -621,7 +621,7 @@ def hook(original):
     return wrapped
 name = "run_cell" if {at!r} == "cell" else "summarize"
 setattr(Perplexity, name, hook(getattr(Perplexity, name)))
-from lminf_eval.cli import app
+from lminf_eval.harness.cli import app
 sys.exit(app({args!r}))
 """
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
@@ -684,9 +684,9 @@ def test_non_finite_nll_marks_the_cell_instead_of_dropping_the_document():
 
 def _flag_cases():
     """(command, flag, bad value) for every int flag of every command: one below its declared minimum, and text."""
-    from lminf_eval.cli import _flags, _strip_none
+    from lminf_eval.harness.cli import _flags, _strip_none
+    from lminf_eval.harness.task import TASKS
     from lminf_eval.settings import NAMES
-    from lminf_eval.task import TASKS
 
     cases = []
     for command, task_type in sorted(TASKS.items()):
@@ -768,7 +768,7 @@ def test_bad_files_and_values_are_one_line_errors(tiny, tmp_path, monkeypatch):
 
 def test_result_table_fits_80_columns(capsys, monkeypatch):
     """`make demo`'s table (2 methods x 8 columns) reads on an 80-column terminal: no cell cut short."""
-    from lminf_eval.runner import print_table
+    from lminf_eval.harness.runner import print_table
 
     df = pd.DataFrame(
         [[70.48, 190.12, 270.77, 174.57, 266.4, 426.25, 596.13, 384.81], [70.48, 190.12, 133.89, 98.9] + [88.38] * 4],

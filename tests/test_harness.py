@@ -14,9 +14,9 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from lminf_eval.cli import app
+from lminf_eval.harness.cli import app
+from lminf_eval.harness.models import load_model
 from lminf_eval.methods import applied, parse_method
-from lminf_eval.models import load_model
 
 runner = CliRunner()
 WORDS = "river stone cloud lamp orange violin paper garden window silver market candle forest".split()
@@ -149,7 +149,7 @@ def test_lm_eval_command_line_with_the_lminf_model_type(task_dir, tmp_path):
 
 
 def test_lminf_model_type_truncate_keeps_the_last_l_pre_tokens():
-    from lminf_eval.harness import LMInfLM
+    from lminf_eval.harness.lmeval_model import LMInfLM
 
     lm = LMInfLM(pretrained="tiny-rope", method="truncate", device="cpu")
     assert lm.max_length == 256 and lm.settings is None
@@ -161,7 +161,7 @@ def test_lminf_model_type_truncate_keeps_the_last_l_pre_tokens():
 
 def test_without_lm_eval_one_line_names_the_extra(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "lm_eval", None)  # import lm_eval now raises ImportError
-    monkeypatch.delitem(sys.modules, "lminf_eval.harness", raising=False)
+    monkeypatch.delitem(sys.modules, "lminf_eval.harness.lmeval_model", raising=False)
     res = runner.invoke(app, ["lm-eval", "--model", "tiny-rope", "--tasks", "x", "--output-dir", str(tmp_path)])
     assert res.exit_code == 2, res.output
     lines = res.stderr.strip().splitlines()

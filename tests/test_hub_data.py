@@ -12,7 +12,7 @@ import pytest
 from typer.testing import CliRunner
 
 from lminf_eval import data
-from lminf_eval.cli import app
+from lminf_eval.harness.cli import app
 
 LONG = "The quick brown fox jumps over the lazy dog while the river keeps running to the sea. " * 40
 SHORT = "Too short to keep."

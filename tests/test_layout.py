@@ -47,7 +47,7 @@ def runtime_imports(name: str, file: Path, known: set[str]) -> set[str]:
 def test_no_import_circle():
     mods = modules()
     graph = {name: runtime_imports(name, file, set(mods)) for name, file in mods.items()}
-    assert graph["lminf_eval.cli"] and graph["lminf_eval.attention.kernel"]  # the parser sees imports
+    assert graph["lminf_eval.harness.cli"] and graph["lminf_eval.attention.dispatch"]  # the parser sees imports
     state: dict[str, int] = {}  # 1: on the current path, 2: done
 
     def visit(node: str, path: list[str]) -> None:
@@ -63,3 +63,18 @@ def test_no_import_circle():
     for name in sorted(graph):
         if name not in state:
             visit(name, [name])
+
+
+def test_the_library_imports_none_of_the_harness():
+    """`import lminf_eval` (apply/remove, methods, cache, attention) brings torch and transformers only: no
+    CLI, table, data-set or scoring library, and not the harness package (checked in a fresh interpreter)."""
+    import subprocess
+    import sys
+
+    harness_only = ["typer", "rich", "pandas", "datasets", "sacrebleu", "rouge_score", "matplotlib", "lm_eval"]
+    code = (
+        "import sys, lminf_eval, lminf_eval.methods, lminf_eval.attention\n"
+        f"print([m for m in {harness_only + ['lminf_eval.harness']!r} if m in sys.modules])"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]", out

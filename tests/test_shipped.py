@@ -11,9 +11,9 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from lminf_eval.cli import app
-from lminf_eval.data import DATASETS, load_documents
-from lminf_eval.models import REGISTRY, REPO_ROOT, gguf_in_package, load_model
+from lminf_eval.harness.cli import app
+from lminf_eval.harness.data import DATASETS, load_documents
+from lminf_eval.harness.models import REGISTRY, REPO_ROOT, gguf_in_package, load_model
 
 spec = importlib.util.spec_from_file_location("train_tiny", REPO_ROOT / "scripts" / "train_tiny.py")
 train_tiny = importlib.util.module_from_spec(spec)
@@ -105,10 +105,10 @@ def test_reproduction_profiles_parse(profile, monkeypatch):
     import typer
     import yaml
 
-    from lminf_eval.cli import collect
-    from lminf_eval.config import parse_lengths
+    from lminf_eval.harness.cli import collect
+    from lminf_eval.harness.config import parse_lengths
+    from lminf_eval.harness.task import TASKS
     from lminf_eval.methods import parse_methods
-    from lminf_eval.task import TASKS
 
     monkeypatch.chdir(REPO_ROOT)  # (steps name configs/*.yaml relative to the repository)
     steps = yaml.safe_load((REPO_ROOT / "configs" / f"{profile}.yaml").read_text())["steps"]

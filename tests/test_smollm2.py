@@ -9,7 +9,7 @@ import torch
 from reference import reference
 
 from lminf_eval import apply_lm_infinite, remove_lm_infinite
-from lminf_eval.models import load_model
+from lminf_eval.harness.models import load_model
 
 N, WINDOW = 2048, 1024
 

@@ -20,12 +20,12 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from ..errors import UserError
+from ..methods import applied, parse_methods
+from ..patch import pretraining_length
 from .config import RunConfig, parse_lengths
 from .data import check_dataset, iter_texts, resolve_dataset
-from .errors import UserError
-from .methods import applied, parse_methods
 from .models import load_model, model_source, pretraining_length_for, weights_digest
-from .patch import pretraining_length
 from .results import RunDir, cell_id, default_output_dir, earlier_runs, format_number, git_hash, versions
 from .task import Cell, Context, Task, console
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lminf_eval.errors import INSTALL_LM_EVAL, UserError
-from lminf_eval.task import Cell, Task, option, register_task
+from lminf_eval.harness.task import Cell, Task, option, register_task
 
 from .base import method_table, ok_rows, slug
 
@@ -80,7 +80,7 @@ class Harness(Task):
         from lm_eval.models.huggingface import HFLM
         from lm_eval.tasks import TaskManager
 
-        from lminf_eval.harness import context_limit
+        from lminf_eval.harness.lmeval_model import context_limit
 
         ctx, options = self.ctx, self.options
         lengths = [cell.key["length"]] if "length" in cell.key else ctx.lengths

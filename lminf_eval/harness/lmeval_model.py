@@ -6,14 +6,15 @@ generate_until are lm-eval's code) around a model loaded by `load_model` and pat
     lm-eval-lminf --model lminf --model_args pretrained=smollm2-135m,method=lm-infinite,n_global=10 ...
 
 (`lm-eval-lminf` is lm-eval's own command line with this type registered: lm-eval 0.4.13 finds model types
-only in its own package, so its plain `lm_eval` command needs `import lminf_eval.harness` first; from Python,
-`simple_evaluate(model="lminf", model_args=...)` after that import.) `lminf-eval lm-eval` runs several
-methods through this class on one model load. lm-eval is an optional extra: `pip install 'lminf-eval[lm-eval]'`.
+only in its own package, so its plain `lm_eval` command needs `import lminf_eval.harness.lmeval_model`
+first; from Python, `simple_evaluate(model="lminf", model_args=...)` after that import.) `lminf-eval lm-eval`
+runs several methods through this class on one model load. lm-eval is an optional extra:
+`pip install 'lminf-eval[lm-eval]'`.
 """
 
 from __future__ import annotations
 
-from .errors import INSTALL_LM_EVAL, UserError
+from ..errors import INSTALL_LM_EVAL, UserError
 
 try:
     from lm_eval.api.registry import register_model
@@ -21,11 +22,11 @@ try:
 except ImportError as err:  # the bridge is an optional extra
     raise UserError(INSTALL_LM_EVAL) from err
 
-from .methods import Method, apply_method, parse_method
+from ..methods import Method, apply_method, parse_method
+from ..patch import pretraining_length as config_pretraining_length
+from ..settings import NAMES
 from .models import load_model, pretraining_length_for
-from .patch import pretraining_length as config_pretraining_length
 from .runner import resolve_device
-from .settings import NAMES
 
 
 @register_model("lminf")

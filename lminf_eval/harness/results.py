@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from .errors import UserError
+from ..errors import UserError
 from .models import REPO_ROOT
 from .task import console
 
@@ -60,7 +60,7 @@ def versions() -> dict:
     import torch
     import transformers
 
-    from . import __version__
+    from .. import __version__
 
     return {
         "lminf_eval": __version__,

@@ -1,4 +1,4 @@
-"""`lminf-eval`: the command line. One command per registered task (`lminf_eval.task.TASKS`), each taking
+"""`lminf-eval`: the command line. One command per registered task (`lminf_eval.harness.task.TASKS`), each taking
 - the flags every task shares (`RunConfig`'s fields),
 - LM-Infinite's settings (`lminf_eval.settings`), with the defaults this task resolves them to,
 - the task's own flags (its `Options` dataclass, declared beside its code),
@@ -15,11 +15,11 @@ from typing import Any, get_type_hints
 
 import typer
 
-from . import tasks  # noqa: F401  (registers the built-in tasks)
+from .. import tasks  # noqa: F401  (registers the built-in tasks)
+from ..errors import UserError
+from ..settings import FLAG_NAMES, TEXT_NAMES, describe_default
+from ..settings import HELP as SETTING_HELP
 from .config import COMMON, RunConfig, read_config_file, split_settings
-from .errors import UserError
-from .settings import FLAG_NAMES, TEXT_NAMES, describe_default
-from .settings import HELP as SETTING_HELP
 from .task import TASKS, Task, load_plugins
 
 app = typer.Typer(
@@ -207,7 +207,7 @@ def report(
 @app.command("methods")
 def methods():
     """Every method --method accepts: what it does, its options (name:key=value) and their defaults, its source."""
-    from .methods import PRESETS, describe
+    from ..methods import PRESETS, describe
 
     for name, preset in PRESETS.items():
         typer.echo(f"{name}\n  {preset.summary}" + (f"\n  source: {preset.source}" if preset.source else ""))

@@ -10,8 +10,8 @@ from typing import Any
 
 import yaml
 
-from .errors import UserError
-from .settings import FLAG_NAMES
+from ..errors import UserError
+from ..settings import FLAG_NAMES
 from .task import option
 
 

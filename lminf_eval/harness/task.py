@@ -21,10 +21,10 @@ import torch
 from rich.console import Console
 
 if TYPE_CHECKING:
+    from ..methods import Method
+    from ..settings import Settings
     from .config import RunConfig
-    from .methods import Method
     from .results import RunDir
-    from .settings import Settings
 
 console = Console(stderr=True)
 

@@ -12,14 +12,10 @@ from pathlib import Path
 
 import torch
 
-from .errors import UserError
+from ..errors import ModelError
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 MODEL_DIR = REPO_ROOT / "models"
-
-
-class ModelError(UserError):
-    """A model that cannot be found or loaded; the message is one line and names the fix."""
 
 
 @dataclass(frozen=True)
