@@ -364,7 +364,7 @@ BAD_INPUTS = {
 @pytest.mark.parametrize("case", list(BAD_INPUTS))
 def test_bad_input_is_one_line_exit_2(tiny, tmp_path, monkeypatch, case):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    from lminf_eval import models
+    from lminf_eval.harness import models
 
     models.hub_reachable.cache_clear()
     args, expected = BAD_INPUTS[case]
@@ -458,7 +458,7 @@ def test_third_party_task_from_an_entry_point(tiny, tmp_path, monkeypatch):
     """A task registered through the `lminf_eval.tasks` entry point group becomes a command that runs."""
     from dataclasses import dataclass
 
-    from lminf_eval import cli, task
+    from lminf_eval.harness import cli, task
 
     @dataclass
     class CountOptions:
@@ -492,7 +492,7 @@ def test_third_party_task_from_an_entry_point(tiny, tmp_path, monkeypatch):
 def test_gguf_cache_follows_the_file_content(tmp_path, monkeypatch):
     """A converted copy is found by the file's content: a replaced or emptied .gguf under a cached name is not
     served the old weights, and an unreadable one is a one-line ModelError."""
-    from lminf_eval import models
+    from lminf_eval.harness import models
 
     monkeypatch.setenv("LMINF_CACHE", str(tmp_path / "cache"))
     gguf = tmp_path / "m.gguf"

@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
-from lminf_eval import data
+from lminf_eval.harness import data
 from lminf_eval.harness.cli import app
 
 LONG = "The quick brown fox jumps over the lazy dog while the river keeps running to the sea. " * 40
@@ -78,7 +78,7 @@ def test_hub_corpora_stream_from_parquet_in_their_schema(name, tmp_path, monkeyp
 
 def test_hub_corpus_offline_is_one_line(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    from lminf_eval import models
+    from lminf_eval.harness import models
 
     models.hub_reachable.cache_clear()
     res = CliRunner().invoke(app, ["ppl", "--dataset", "pg19", "--output-dir", str(tmp_path)])
