@@ -1,6 +1,6 @@
 """The methods compared side by side: vanilla, LM-Infinite, its ablations, and the training-free peers.
 
-Every method is a preset of `Settings` (../shared/docs/methods.md has the definitions and sources), so one
+Every method is a preset of `Settings` (docs/methods.md has the definitions and sources), so one
 kernel, one reference test and one harness serve all of them. A method spec is `name[:key=value...]`, e.g.
 `lm-infinite:top_k=5:top_k_from_layer=4` or `self-extend:group_size=16`, so a sweep is just several methods
 in one run. A method's settings are resolved by `Settings.resolve` from, later winning: the task's paper

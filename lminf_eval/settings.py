@@ -3,7 +3,7 @@
 Every caller (the library's `apply_lm_infinite`, `configure`, the method presets, the CLI help) goes through
 `Settings.resolve`, so a default or a check is written once. A length given as `None` means its default, a
 string "L_pre" or "L_pre/4" is read against the pretraining length, and `math.inf` switches the window or the
-ceiling off (the paper's ablations). The peer methods are settings too (../shared/docs/methods.md): how far
+ceiling off (the paper's ablations). The peer methods are settings too (docs/methods.md): how far
 pairs are placed (`far_distance`), a log-n query scale, and transformers' own RoPE scaling (`rope_type`).
 """
 

@@ -1,4 +1,4 @@
-"""An O(n^2) restatement of ../shared/docs/method.md, written apart from the kernel: dense float64 scores
+"""An O(n^2) restatement of docs/method.md, written apart from the kernel: dense float64 scores
 for every (query, key) pair, its own rotation code, the rules applied literally pair by pair.
 
 It has the kernel's signature and is registered with transformers' attention registry as

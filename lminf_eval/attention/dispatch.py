@@ -1,6 +1,6 @@
 """LM-Infinite's attention: the backend named by the settings, then the optional top-k last row.
 
-Every backend computes the same function (../shared/docs/method.md) and reads the rules from `plan.py`:
+Every backend computes the same function (docs/method.md) and reads the rules from `plan.py`:
 `blocks` (fused attention calls per query block; `blocks-masked` without the band calls, `plain` in plain fp32
 math) and `flex` (FlexAttention, compiled on CUDA). `auto` takes flex on CUDA and blocks elsewhere.
 """

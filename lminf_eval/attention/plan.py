@@ -4,7 +4,7 @@ A `Plan` is built once per forward (from the padding mask, or by the bounded cac
 for each query and key slot, the index of its token among its row's real tokens, and which slots are real.
 Distances are counted in real tokens, so a padded row gets the logits it would get alone.
 
-The rules (../shared/docs/method.md, methods.md): `visible` is the Λ-shaped mask; `is_far` says which visible
+The rules (docs/method.md, methods.md): `visible` is the Λ-shaped mask; `is_far` says which visible
 pairs are past the ceiling; `far_positions` says where such a pair is scored (RoPE: the query re-rotated to
 one position, the key to another; LM-Infinite puts them at L and 0); `alibi_bias` is ALiBi's bias at the
 distance so chosen; `log_scale` is the optional log-n query scale.
