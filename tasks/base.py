@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import re
+from typing import TYPE_CHECKING
 
-import pandas as pd
-import torch
+if TYPE_CHECKING:
+    import pandas as pd
+    import torch
 
 
 def ok_rows(rows: list[dict]) -> list[dict]:
@@ -15,6 +17,8 @@ def ok_rows(rows: list[dict]) -> list[dict]:
 def method_table(values: dict, rows: list[str], columns, index_name="method", oom: set | None = None) -> pd.DataFrame:
     """{(row, column): value} -> rows in the given order (methods, in run order); missing cells are NaN,
     or 'OOM' where the cell ran out of memory."""
+    import pandas as pd
+
     df = pd.DataFrame(index=pd.Index(rows, name=index_name), columns=[str(c) for c in columns], dtype=object)
     for (label, col), value in values.items():
         if label in rows:
@@ -32,6 +36,8 @@ def truncated(method, ids: torch.Tensor, l_pre: int) -> torch.Tensor:
 
 def greedy(model, ids: torch.Tensor, new_tokens: int, pad_token_id: int | None) -> torch.Tensor:
     """Exactly `new_tokens` greedy tokens (EOS suppressed until then), through the method's own cache."""
+    import torch
+
     with torch.no_grad():
         out = model.generate(
             ids,

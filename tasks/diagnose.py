@@ -10,17 +10,18 @@ Attention statistics are gathered blockwise by a registered attention function, 
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
-from transformers import AttentionInterface
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from lminf_eval.errors import UserError
 from lminf_eval.harness.data import Document, load_documents
 from lminf_eval.harness.task import Cell, Task, console, register_task
 
 from .base import method_table, ok_rows
+
+if TYPE_CHECKING:
+    import torch
 
 BLOCK = 512  # query rows scored at once: memory O(BLOCK x n)
 SINK_FROM = 64  # queries from this position on count towards the position-0 share (earlier ones see few keys)
@@ -43,6 +44,8 @@ class Stats:
         self.sink: dict[int, float] = {}  # mean attention probability on position 0 over `sink_rows`
 
     def observe(self, layer: int, q: torch.Tensor, k: torch.Tensor, scaling: float) -> None:
+        import torch
+
         b, hq, n, _ = q.shape
         k = k.repeat_interleave(hq // k.shape[1], 1)
         top = torch.full((hq, self.nb), -math.inf)
@@ -66,6 +69,8 @@ class Stats:
 
 
 def make_attention(stats: Stats):
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
     def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
         if module.layer_idx in stats.layers:
             stats.observe(module.layer_idx, query, key, scaling or query.shape[-1] ** -0.5)
@@ -104,6 +109,9 @@ class Diagnose(Task):
         return [Cell({"method": vanilla.label, "doc": d.id}, vanilla, d, len(d.ids)) for d in self.docs]
 
     def run_cell(self, cell) -> dict:
+        import torch
+        from transformers import AttentionInterface
+
         ctx, model = self.ctx, self.ctx.model
         ids = torch.tensor([cell.data.ids], device=ctx.device)
         stats = Stats(self.layers(), ids.shape[1], ctx.l_pre)

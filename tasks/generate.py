@@ -6,10 +6,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import sacrebleu
-import torch
-from rouge_score import rouge_scorer
-
 from lminf_eval.harness.data import Document, load_documents
 from lminf_eval.harness.task import Cell, Task, option, register_task
 
@@ -20,6 +16,9 @@ ROUGE = ("rouge1", "rouge2", "rougeL")
 
 def score(hypotheses: list[str], references: list[str]) -> dict:
     """Corpus BLEU over all pairs; ROUGE F1 averaged over pairs; all on a 0-100 scale."""
+    import sacrebleu
+    from rouge_score import rouge_scorer
+
     scorer = rouge_scorer.RougeScorer(list(ROUGE), use_stemmer=False)
     rouge = {k: 0.0 for k in ROUGE}
     for hyp, ref in zip(hypotheses, references, strict=True):
@@ -65,6 +64,8 @@ class Generation(Task):
         ]
 
     def run_cell(self, cell) -> dict:
+        import torch
+
         ctx = self.ctx
         p, n = cell.key["position"], self.options.new_tokens
         ids = cell.data.ids

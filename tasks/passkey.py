@@ -22,7 +22,6 @@ from functools import cache
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from lminf_eval.errors import UserError
 from lminf_eval.harness.models import REPO_ROOT
@@ -227,6 +226,8 @@ class Passkey(Task):
         return cell_key["method"] + (f" [{cell_key['variant']}]" if len(self.variants) > 1 else "")
 
     def run_cell(self, cell) -> dict:
+        import torch
+
         ctx, k, options = self.ctx, cell.key, self.options
         needles = self.needles[k["variant"]]
         # the prompt depends on (seed, variant, length, depth, sample) only, so every method sees the same one

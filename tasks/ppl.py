@@ -8,14 +8,17 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from lminf_eval.harness.data import Document, load_documents
 from lminf_eval.harness.task import Cell, Task, console, option, register_task
 
 from .base import method_table, ok_rows
+
+if TYPE_CHECKING:
+    import torch
 
 LOGIT_CHUNK = 1024  # positions per vocabulary projection: 32k x 49k fp32 logits at once would be 6 GB
 
@@ -23,6 +26,8 @@ LOGIT_CHUNK = 1024  # positions per vocabulary projection: 32k x 49k fp32 logits
 def token_nll(model, ids: torch.Tensor) -> torch.Tensor:
     """NLL of tokens 1..n-1 given their prefix, from one forward of the base model; the vocabulary
     projection runs in chunks so memory stays O(n·d)."""
+    import torch
+
     with torch.no_grad():
         hidden = model.base_model(input_ids=ids, use_cache=False).last_hidden_state
         head = model.get_output_embeddings()
@@ -37,6 +42,8 @@ def token_nll(model, ids: torch.Tensor) -> torch.Tensor:
 def strided_nll(model, ids: torch.Tensor, window: int) -> torch.Tensor:
     """The `truncate` baseline for perplexity: windows of `window` tokens advancing by window/2, each scoring
     only targets not scored before, so every token sees between window/2 and window tokens of context."""
+    import torch
+
     n = ids.shape[1]
     nll = torch.empty(n - 1)
     done = 0  # targets 1..done are scored
@@ -86,6 +93,8 @@ class Perplexity(Task):
         return [Cell({"method": m.label, "doc": d.id}, m, d, len(d.ids)) for m in self.ctx.methods for d in self.docs]
 
     def run_cell(self, cell) -> dict:
+        import torch
+
         ctx = self.ctx
         ids = torch.tensor([cell.data.ids], device=ctx.device)
         if cell.method.name == "truncate":

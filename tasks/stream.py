@@ -6,9 +6,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-
-import psutil
-import torch
+from typing import TYPE_CHECKING
 
 from lminf_eval.errors import UserError
 from lminf_eval.harness.data import load_documents
@@ -16,10 +14,16 @@ from lminf_eval.harness.task import Cell, Task, option, register_task
 
 from .base import method_table, ok_rows
 
+if TYPE_CHECKING:
+    import torch
+
 
 def stream_nll(model, ids: torch.Tensor, chunk: int, report_every: int) -> dict:
     """Read `ids` chunk by chunk through the model's cache (LM-Infinite: bounded); NLL per window of
     `report_every` tokens, and resident memory as it goes."""
+    import psutil
+    import torch
+
     cache, carry = None, None
     proc = psutil.Process()
     sums, counts, rss = [], [], []
@@ -69,6 +73,8 @@ class Stream(Task):
     stream: torch.Tensor
 
     def prepare(self) -> None:
+        import torch
+
         ctx, run_config = self.ctx, self.ctx.run_config
         for m in ctx.methods:
             settings = ctx.settings[m.label]

@@ -10,9 +10,6 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-import torch
-
-from lminf_eval.harness.measure import PeakMemory, decode_times, median, sync
 from lminf_eval.harness.task import Cell, Task, option, register_task
 
 from .base import method_table, ok_rows, truncated
@@ -35,6 +32,10 @@ class Timing(Task):
         return [Cell({"method": m.label, "length": n}, m, None, n) for m in self.ctx.methods for n in self.ctx.lengths]
 
     def run_cell(self, cell) -> dict:
+        import torch
+
+        from lminf_eval.harness.measure import PeakMemory, decode_times, median, sync
+
         ctx = self.ctx
         gen = torch.Generator().manual_seed(ctx.run_config.seed)
         ids = torch.randint(0, ctx.model.config.vocab_size, (1, cell.key["length"]), generator=gen).to(ctx.device)

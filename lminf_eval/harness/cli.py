@@ -16,8 +16,8 @@ from typing import Any, get_type_hints
 import typer
 
 from .. import tasks  # noqa: F401  (registers the built-in tasks)
-from ..errors import UserError
-from ..settings import FLAG_NAMES, TEXT_NAMES, describe_default
+from ..errors import UserError, shown
+from ..settings import FLAG_NAMES, MAX_TOKENS, TEXT_NAMES, describe_default
 from ..settings import HELP as SETTING_HELP
 from .config import COMMON, RunConfig, read_config_file, split_settings
 from .task import TASKS, Task, load_plugins
@@ -29,6 +29,23 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+
+
+def _version(value: bool) -> None:
+    if value:
+        from .. import __version__
+
+        typer.echo(f"lminf-eval {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
+    ),
+) -> None:
+    """LM-Infinite vs the unmodified model: perplexity, passkey retrieval, generation quality and speed."""
 
 
 def run_task(task_type: type[Task], ctx: typer.Context, flags: dict[str, Any]) -> None:
@@ -87,9 +104,11 @@ def _checked(name: str, value, kind, minimum: int | None):
     }.get(kind, True)
     if not ok:
         expected = {int: "a whole number", bool: "true or false", str: "text", list[str]: "a list of names"}[kind]
-        raise UserError(f"{flag} must be {expected}, got {value!r}")
+        raise UserError(f"{flag} must be {expected}, got {shown(value)}")
     if minimum is not None and value < minimum:
         raise UserError(f"{flag} must be at least {minimum}, got {value}")
+    if kind is int and value > MAX_TOKENS:  # (a typo, and past what int64 tensor maths holds)
+        raise UserError(f"{flag} must be at most 2^40, got {value:.3g}")
     return value
 
 

@@ -9,10 +9,12 @@ import socket
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from ..errors import ModelError
+
+if TYPE_CHECKING:
+    import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 MODEL_DIR = REPO_ROOT / "models"
@@ -114,6 +116,8 @@ def load_gguf(path: Path, name: str, dtype: torch.dtype):
 def weights_digest(model) -> str:
     """A model's identity for resume checks: its config and a strided sample of every weight, hashed (cheap,
     and different for any retrained or replaced checkpoint)."""
+    import torch
+
     digest = hashlib.sha256(model.config.to_json_string(use_diff=False).encode())
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -157,6 +161,7 @@ def model_source(name: str) -> tuple[str, str]:
 
 def load_model(name: str, dtype: str | torch.dtype = "float32", device: str = "cpu", device_map: str | None = None):
     """Return (model, tokenizer), eval mode, on `device`. Errors are ModelError with a one-line fix."""
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch_dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype

@@ -16,11 +16,12 @@ from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from typing import TYPE_CHECKING, Any, ClassVar
 
-import pandas as pd
-import torch
 from rich.console import Console
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # (not at run time: the CLI builds its commands from this module without torch or pandas)
+    import pandas as pd
+    import torch
+
     from ..methods import Method
     from ..settings import Settings
     from .config import RunConfig
