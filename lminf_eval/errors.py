@@ -14,3 +14,9 @@ class ModelError(UserError):
 
 
 INSTALL_LM_EVAL = "lm-eval is not installed: pip install 'lminf-eval[lm-eval]'"
+
+
+def shown(value, limit: int = 60) -> str:
+    """A value echoed in an error message, cut short: a message is one line, whatever the input held."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 5] + "...)" if text[0] in "[({" else text[:limit] + "..."

@@ -135,6 +135,8 @@ def parse_method(spec: str) -> Method:
         key, eq, val = part.partition("=")
         if not eq or key not in NAMES:
             raise UserError(f"bad method option {part!r} in {spec!r}: use key=value with key in {', '.join(NAMES)}")
+        if key in options:
+            raise UserError(f"method option {key} given twice in {spec!r}: keep one")
         options[key] = _value(key, val)
     if options and PRESETS[name].fixes is None:
         raise UserError(f"method {name!r} takes no options")
@@ -146,6 +148,10 @@ def parse_methods(specs: list[str]) -> list[Method]:
     methods = [parse_method(s) for spec in specs for s in spec.replace(",", " ").split()]
     if not methods:
         raise UserError("no method given: use --method vanilla,lm-infinite")
+    labels = [m.label for m in methods]
+    twice = sorted({label for label in labels if labels.count(label) > 1})
+    if twice:
+        raise UserError(f"method {twice[0]} given twice in --method: list each method once")
     return methods
 
 

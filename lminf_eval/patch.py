@@ -98,6 +98,11 @@ def apply_lm_infinite(
         )
     l_pre = pretraining_length_override or pretraining_length(config)
     resolved = Settings.resolve(l_pre, target_length, **settings)
+    layers = getattr(config, "num_hidden_layers", None)
+    if resolved.top_k and isinstance(layers, int) and resolved.top_k_from_layer >= layers:
+        raise LMInfiniteError(
+            f"top_k_from_layer {resolved.top_k_from_layer} is past the model's {layers} layers: use 0..{layers - 1}"
+        )
     # (checked before an earlier patch is removed: a refused re-apply leaves the model as it was)
     if getattr(model, "lm_infinite", None) is not None:
         remove_lm_infinite(model)

@@ -47,6 +47,7 @@ class Settings:
         if unknown:
             raise LMInfiniteError(f"unknown setting {sorted(unknown)[0]!r}: use {', '.join(DEFAULTS)}")
         value = {name: overrides.get(name) for name in DEFAULTS}
+        asked_limit = value["limit_distance"]
         if value["far_distance"] == "cache":  # StreamingLLM: everything past the window is re-indexed
             value["limit_distance"] = value["n_local"]
         l_pre = pretraining_length
@@ -73,13 +74,22 @@ class Settings:
             raise LMInfiniteError("group_size must be >= 1")
         if settings.far_distance == "cache" and not math.isfinite(settings.n_local):
             raise LMInfiniteError("far_distance=cache (StreamingLLM) needs a finite n_local")
+        if settings.far_distance == "cache" and asked_limit is not None:
+            if _length(asked_limit, "L_pre", l_pre, "limit_distance") != settings.n_local:
+                raise LMInfiniteError(
+                    "limit_distance does not apply with far_distance=cache (StreamingLLM re-indexes far keys "
+                    "inside its cache): drop it"
+                )
         if settings.log_scale_base == 1:
             raise LMInfiniteError("log_scale_base must be 0 (off) or >= 2")
         return settings
 
     def replace(self, pretraining_length: int | None, **changes) -> Settings:
         """These settings with some changed, checked again."""
-        return Settings.resolve(pretraining_length, **{**asdict(self), **changes})
+        merged = {**asdict(self), **changes}
+        if merged["far_distance"] == "cache" and "limit_distance" not in changes:
+            merged["limit_distance"] = None  # (follows n_local)
+        return Settings.resolve(pretraining_length, **merged)
 
     @property
     def bounded(self) -> bool:
@@ -148,12 +158,17 @@ def _number(value, name: str) -> float:
     return number
 
 
+MAX_TOKENS = 1 << 40  # a count or length above this is a typo, not a text (and would overflow int64 maths)
+
+
 def _count(value, default, name: str) -> int:
     value = default if value is None else value
     if not _number(value, name).is_integer():
         raise LMInfiniteError(f"{name} must be a whole number, got {value}")
     if int(value) < 0:
         raise LMInfiniteError(f"{name} must be >= 0, got {value}")
+    if int(value) > MAX_TOKENS:
+        raise LMInfiniteError(f"{name} must be at most 2^40, got {value:g}")
     return int(value)
 
 
@@ -179,6 +194,8 @@ def _length(value, default, l_pre: int | None, name: str, zero: bool = False) ->
         return math.inf
     if not number.is_integer() or number < (0 if zero else 1):
         raise LMInfiniteError(f"{name} must be >= {0 if zero else 1} (or inf), got {value}")
+    if number > MAX_TOKENS:
+        raise LMInfiniteError(f"{name} must be at most 2^40 (or inf), got {number:g}")
     return int(number)
 
 

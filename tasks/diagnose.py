@@ -17,6 +17,7 @@ import numpy as np
 from lminf_eval.errors import UserError
 from lminf_eval.harness.data import Document, load_documents
 from lminf_eval.harness.task import Cell, Task, console, register_task
+from lminf_eval.settings import FLAG_NAMES
 
 from .base import method_table, ok_rows
 
@@ -84,8 +85,11 @@ def make_attention(stats: Stats):
 @register_task
 class Diagnose(Task):
     name = "diagnose"
+    result_fields = {"edges": list, "max_logit": dict, "entropy": dict}
     help = "Why vanilla fails past L_pre: max logit vs distance, entropy, hidden-state PCA (paper Fig. 1)."
     default_lengths = "2x"
+    default_methods = ("vanilla",)  # (the unmodified model is what it studies)
+    ignores = ("num_docs", "min_tokens", *FLAG_NAMES)
     docs: list[Document]
 
     def layers(self) -> set[int]:

@@ -36,6 +36,7 @@ class GenerationOptions:
 @register_task
 class Generation(Task):
     name = "generate"
+    result_fields = {"hypothesis": str, "reference": str}
     help = "BLEU and ROUGE of greedy continuations after long prefixes (paper Table 3)."
     Options = GenerationOptions
     default_lengths = "0.5x,1x,2x,4x"

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lminf_eval.errors import INSTALL_LM_EVAL, UserError
-from lminf_eval.harness.task import Cell, Task, option, register_task
+from lminf_eval.harness.task import DOCUMENT_FLAGS, Cell, Task, option, register_task
 
 from .base import method_table, ok_rows, slug
 
@@ -41,6 +41,7 @@ class Harness(Task):
     help = "Any lm-evaluation-harness task (RULER, LongBench, a local YAML) on every method."
     Options = HarnessOptions
     default_lengths = "1x"
+    ignores = DOCUMENT_FLAGS  # (each lm-eval task brings its own data)
 
     def prepare(self) -> None:
         try:

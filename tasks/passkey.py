@@ -25,7 +25,7 @@ import numpy as np
 
 from lminf_eval.errors import UserError
 from lminf_eval.harness.models import REPO_ROOT
-from lminf_eval.harness.task import Cell, Task, option, register_task
+from lminf_eval.harness.task import DOCUMENT_FLAGS, Cell, Task, option, register_task
 
 from .base import greedy, method_table, ok_rows, slug, truncated
 
@@ -77,6 +77,8 @@ def draw(kind: str, count: int, rng: random.Random) -> list[str]:
         if count > len(NAMES):
             raise UserError(f"at most {len(NAMES)} name keys per prompt: use --key-type word, number or uuid")
         return rng.sample(NAMES, count)
+    if kind == "word" and count > len(ADJECTIVES) * len(NOUNS):  # (drawing more distinct words would never end)
+        raise UserError(f"at most {len(ADJECTIVES) * len(NOUNS)} distinct words per prompt: use number or uuid")
     out: list[str] = []
     while len(out) < count:
         if kind == "number":
@@ -178,10 +180,12 @@ class PasskeyOptions:
 @register_task
 class Passkey(Task):
     name = "passkey"
+    result_fields = {"answer": str, "correct": bool, "recall": (int, float)}
     help = "Passkey retrieval and RULER's needle variants, over lengths and needle depths (paper Table 2)."
     Options = PasskeyOptions
     default_lengths = "1x,1.5x,2x"
     settings_defaults = {"n_global": 10}  # the paper's passkey runs
+    ignores = DOCUMENT_FLAGS  # (the haystack is --haystack)
     depths: list[float | None]
 
     def prepare(self) -> None:
@@ -193,6 +197,12 @@ class Passkey(Task):
         if any(d is not None and not 0 <= d <= 1 for d in self.depths):
             raise UserError("--depths must lie between 0 and 1")
         self.variants = [v for v in options.variants.replace(",", " ").split() if v]
+        for flag, chosen, given in (
+            ("--depths", self.depths, options.depths),
+            ("--variants", self.variants, options.variants),
+        ):
+            if len(set(chosen)) < len(chosen):
+                raise UserError(f"{flag} {given} lists a value twice: list each once")
         for name, chosen, allowed in (
             ("--variants", self.variants or ["(none)"], VARIANTS),
             ("--key-type", [options.key_type], KEY_TYPES),
@@ -208,6 +218,9 @@ class Passkey(Task):
         if options.key_type == "name" and keys > len(NAMES):
             raise UserError(f"{keys} keys per prompt but only {len(NAMES)} names: lower --distractors/--queries or "
                             "pass --key-type word")  # fmt: skip
+        if options.key_type == "word" and keys > len(ADJECTIVES) * len(NOUNS):
+            raise UserError(f"{keys} keys per prompt but only {len(ADJECTIVES) * len(NOUNS)} distinct words: lower "
+                            "--distractors/--queries or pass --key-type number or uuid")  # fmt: skip
         haystack_units(options.haystack)  # a missing or empty file fails now
 
     def cells(self) -> list[Cell]:

@@ -66,6 +66,7 @@ class PerplexityOptions:
 @register_task
 class Perplexity(Task):
     name = "ppl"
+    result_fields = {"nll": list}
     help = "Per-position perplexity at milestone lengths (paper Table 1, Fig. 3/5)."
     Options = PerplexityOptions
     settings_defaults = {"n_global": 100}  # the paper's perplexity runs

@@ -57,6 +57,13 @@ def stream_nll(model, ids: torch.Tensor, chunk: int, report_every: int) -> dict:
     }
 
 
+def bounded_methods(l_pre: int) -> list[str]:
+    """The methods whose cache stays bounded (drops keys), as presets: the ones a stream can run."""
+    from lminf_eval.methods import PRESETS, parse_method
+
+    return [n for n in PRESETS if (s := parse_method(n).settings(l_pre, l_pre)) is not None and s.bounded]
+
+
 @dataclass
 class StreamOptions:
     stream_tokens: int = option(100_000, "Tokens in the stream (documents cycled if the corpus is shorter).", min=2)
@@ -66,9 +73,12 @@ class StreamOptions:
 @register_task
 class Stream(Task):
     name = "stream"
+    result_fields = {"window_nll": list, "mean_nll": (int, float)}
     help = "Perplexity and memory along one long stream read chunk by chunk through the bounded cache."
     Options = StreamOptions
-    default_lengths = "1x"  # (unused: the stream's length is --stream-tokens)
+    default_lengths = "1x"  # (the stream's length is --stream-tokens)
+    default_methods = ("lm-infinite", "streaming-llm")  # (bounded caches: vanilla's grows with the stream)
+    ignores = ("lengths", "num_docs", "min_tokens")
     settings_defaults = {"n_global": 10}  # the paper's streams
     stream: torch.Tensor
 
@@ -79,9 +89,11 @@ class Stream(Task):
         for m in ctx.methods:
             settings = ctx.settings[m.label]
             if settings is None or not settings.bounded:
-                raise UserError(f"stream needs a bounded method (lm-infinite, window, lambda-only), not {m.label!r}")
+                raise UserError(
+                    f"stream needs a bounded method ({', '.join(bounded_methods(ctx.l_pre))}), not {m.label!r}"
+                )
         docs = load_documents(
-            run_config.dataset, ctx.tokenizer, 10**9, 2, 10**9, run_config.text_field, run_config.split
+            run_config.dataset, ctx.tokenizer, None, 2, 10**9, run_config.text_field, run_config.split
         )
         stream: list[int] = []
         while len(stream) < self.options.stream_tokens:  # cycle through the corpus if it is shorter

@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from lminf_eval.harness.task import Cell, Task, option, register_task
+from lminf_eval.harness.task import DOCUMENT_FLAGS, Cell, Task, option, register_task
 
 from .base import method_table, ok_rows, truncated
 
@@ -23,10 +23,12 @@ class TimingOptions:
 @register_task
 class Timing(Task):
     name = "timing"
+    result_fields = {"encode_s": (int, float), "decode_s_per_token": (int, float)}
     help = "Encoding/decoding speed and peak memory against vanilla (paper App. G)."
     Options = TimingOptions
     default_lengths = "1x,2x,4x"
     settings_defaults = {"n_global": 100}
+    ignores = DOCUMENT_FLAGS  # (random token ids)
 
     def cells(self) -> list[Cell]:
         return [Cell({"method": m.label, "length": n}, m, None, n) for m in self.ctx.methods for n in self.ctx.lengths]

@@ -36,8 +36,17 @@ def tiny(tmp_path_factory):
     )
 
 
+def takes(command: str, flag: str) -> bool:
+    """Whether `lminf-eval COMMAND` has `--flag` (a task's command lists only the flags it reads)."""
+    from lminf_eval.harness.task import TASKS
+
+    task_type = TASKS.get(command)
+    return task_type is None or flag.lstrip("-").replace("-", "_") not in task_type.ignores
+
+
 def run(tiny, *args, out=None):
     base = ["--model", tiny.model, "--dataset", tiny.data, "--n-global", "4"]
+    base = [x for flag, value in zip(base[::2], base[1::2], strict=True) if takes(args[0], flag) for x in (flag, value)]
     if out is not None:
         base += ["--output-dir", out]
     return runner.invoke(app, [str(a) for a in (*args, *base)])
@@ -355,6 +364,7 @@ BAD_INPUTS = {
     "unknown value type": (["passkey", "--value-type", "name"], "unknown --value-type name"),
     "too many name keys": (["passkey", "--distractors", "12"], "only 12 names"),
     "missing haystack file": (["passkey", "--haystack", "/no/such/hay.txt"], "--haystack /no/such/hay.txt"),
+    "stream on an unbounded method": (["stream", "--method", "vanilla"], "lm-infinite, window, lambda-only, streaming"),
     "lm-eval without tasks": (["lm-eval"], "--tasks is required"),
     "unknown lm-eval task": (["lm-eval", "--tasks", "no_such_task"], "unknown lm-eval task no_such_task"),
     "lm-eval include path": (["lm-eval", "--tasks", "x", "--include-path", "/no/such/dir"], "--include-path"),
@@ -376,7 +386,7 @@ def test_bad_input_is_one_line_exit_2(tiny, tmp_path, monkeypatch, case):
         "--n-global": 4,
     }
     for flag, value in base.items():
-        if flag not in args:
+        if flag not in args and takes(args[0], flag):
             args = [*args, flag, str(value)]
     res = runner.invoke(app, args)
     assert res.exit_code == 2, res.output
@@ -444,14 +454,44 @@ def test_two_cpu_processes_split_the_cells_and_merge(tiny, tmp_path):
 
 def test_help_shows_each_commands_resolved_defaults():
     """Defaults live once (settings, RunConfig, task options); help text shows what applies to each command."""
-    for command, n_global, lengths in (("ppl", 100, "0.5x,1x,2x"), ("passkey", 10, "1x,1.5x,2x"), ("stream", 10, "")):
+    for command, n_global, lengths in (("ppl", 100, "0.5x,1x,2x"), ("passkey", 10, "1x,1.5x,2x"), ("stream", 10, None)):
         res = runner.invoke(app, [command, "--help"], env={"COLUMNS": "400"})
         assert res.exit_code == 0
         line = next(x for x in res.output.splitlines() if "--n-global" in x)
         assert f"(default: {n_global})" in line, line
-        assert lengths in next(x for x in res.output.splitlines() if "--lengths" in x)
+        line = next((x for x in res.output.splitlines() if "--lengths" in x), None)
+        assert lengths in line if lengths else line is None, line  # (a stream's length is --stream-tokens)
     res = runner.invoke(app, ["generate", "--help"], env={"COLUMNS": "400"})
     assert "(default: 100)" in next(x for x in res.output.splitlines() if "--new-tokens" in x)
+
+
+def test_each_command_lists_and_reads_only_its_own_flags(tiny, tmp_path):
+    """A flag a task does not read is absent from its help and refused in its --config; the defaults of stream
+    (bounded methods) and diagnose (vanilla) run as they are, without a warning about themselves."""
+    documents = ["--dataset", "--text-field", "--split", "--num-docs", "--min-tokens"]
+    absent = {
+        "passkey": documents,
+        "timing": documents,
+        "lm-eval": documents,
+        "stream": ["--lengths", "--num-docs", "--min-tokens"],
+        "diagnose": ["--num-docs", "--min-tokens", "--n-global", "--top-k"],
+    }
+    for command, flags in absent.items():
+        shown = {w for line in runner.invoke(app, [command, "--help"], env={"COLUMNS": "400"}).output.splitlines()
+                 for w in line.replace("│", " ").split() if w.startswith("--")}  # fmt: skip
+        assert "--model" in shown and not shown & set(flags), (command, shown & set(flags))
+    config = tmp_path / "passkey.yaml"
+    config.write_text("dataset: arxiv-sample\n")
+    res = run(tiny, "passkey", "--config", config, out=tmp_path / "refused")
+    assert res.exit_code == 2 and "unknown config key 'dataset'" in res.stderr
+    res = run(tiny, "passkey", "--lengths", "1x", "--num-samples", "1", "--method", "vanilla", out=tmp_path / "pk")
+    assert res.exit_code == 0, res.output
+    assert json.loads((tmp_path / "pk" / "results.json").read_text())["config"]["dataset"] is None
+    res = run(tiny, "stream", "--stream-tokens", "300", "--chunk-size", "64", out=tmp_path / "stream")
+    assert res.exit_code == 0, res.output
+    assert [m["label"] for m in load(tmp_path / "stream")[0]["resolved"]["methods"]] == ["lm-infinite", "streaming-llm"]
+    res = run(tiny, "diagnose", "--lengths", "2x", out=tmp_path / "diagnose")
+    assert res.exit_code == 0 and "ignored" not in res.stderr and "warning" not in res.stderr, res.stderr
 
 
 def test_third_party_task_from_an_entry_point(tiny, tmp_path, monkeypatch):

@@ -67,7 +67,7 @@ def collect(task_type: type[Task], ctx: typer.Context, flags: dict[str, Any]) ->
     """Command-line flags over `--config` values over defaults, split into common flags, settings, options."""
     config = flags.pop("config", None)
     option_names = [f.name for f in fields(task_type.Options)]
-    allowed = {*COMMON, *FLAG_NAMES, *option_names}
+    allowed = {*COMMON, *FLAG_NAMES, *option_names} - set(task_type.ignores)
     file_values = read_config_file(str(config), allowed) if config else {}
     values, argv = {}, ["lminf-eval", task_type.name]
     for name, value in flags.items():
@@ -86,6 +86,8 @@ def collect(task_type: type[Task], ctx: typer.Context, flags: dict[str, Any]) ->
     settings, values = split_settings(values)
     options = task_type.Options(**{k: values.pop(k) for k in option_names if k in values})
     values.setdefault("lengths", task_type.default_lengths)
+    values.setdefault("method", list(task_type.default_methods))
+    values.update({name: None for name in task_type.ignores if name in COMMON})  # (not recorded as if read)
     return RunConfig(command=task_type.name, settings=settings, options=options, argv=argv, **values)
 
 
@@ -134,11 +136,12 @@ def _flags(task_type: type[Task]) -> list[tuple[str, Any, str, int | None]]:
     applies (LM-Infinite settings are range-checked by `Settings.resolve`)."""
     out = []
     hints = get_type_hints(RunConfig)
+    task_defaults = {"lengths": task_type.default_lengths, "method": list(task_type.default_methods)}
     for f in fields(RunConfig):
-        if f.name in COMMON:
-            default = task_type.default_lengths if f.name == "lengths" else _default(f)
+        if f.name in COMMON and f.name not in task_type.ignores:
+            default = task_defaults.get(f.name, _default(f))
             out.append((f.name, hints[f.name], _with_default(f.metadata["help"], default), f.metadata.get("min")))
-    for name in FLAG_NAMES:
+    for name in (n for n in FLAG_NAMES if n not in task_type.ignores):
         default = describe_default(name, task_type.settings_defaults)
         out.append((name, str if name in TEXT_NAMES else int, _with_default(SETTING_HELP[name], default), None))
     hints = get_type_hints(task_type.Options)
@@ -231,11 +234,22 @@ def methods():
     for name, preset in PRESETS.items():
         typer.echo(f"{name}\n  {preset.summary}" + (f"\n  source: {preset.source}" if preset.source else ""))
         for option, default in describe(name):
-            typer.echo(f"  {option:<18} default {default:<14} {SETTING_HELP[option]}")
+            per_task = "" if option in (preset.fixes or {}) else _per_task(option, default)
+            typer.echo(f"  {option:<18} default {default:<14} {SETTING_HELP[option]}{per_task}")
     typer.echo(
         "Any method takes any setting (e.g. lm-infinite:rope_type=yarn); lengths read L_pre (the pretraining "
         "length), L_pre/N or L_pre-N, and 'inf' switches a window or ceiling off."
     )
+
+
+def _per_task(option: str, default: str) -> str:
+    """The tasks whose paper runs use another default for `option` (n_global: 100 in ppl, generate, timing)."""
+    by_value: dict[str, list[str]] = {}
+    for task_type in TASKS.values():
+        value = str(task_type.settings_defaults.get(option, default))
+        if value != default and option not in task_type.ignores:
+            by_value.setdefault(value, []).append(task_type.name)
+    return "".join(f" Default {value} in {', '.join(names)}." for value, names in by_value.items())
 
 
 def quiet_libraries() -> None:

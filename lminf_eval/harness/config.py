@@ -10,7 +10,7 @@ from typing import Any
 
 import yaml
 
-from ..errors import UserError
+from ..errors import UserError, shown
 from ..settings import FLAG_NAMES
 from .task import option
 
@@ -68,9 +68,14 @@ def read_config_file(path: str, allowed: set[str]) -> dict:
     if not file.is_file():
         raise UserError(f"config file {path} does not exist or is not a file (shipped configs are in configs/)")
     try:
-        data = yaml.safe_load(file.read_text()) or {}
+        text = file.read_text()
+        if any(isinstance(event, yaml.AliasEvent) for event in yaml.parse(text)):  # (a few bytes can expand to GBs)
+            raise UserError(f"config file {path} uses YAML aliases (*name): write the values out")
+        data = yaml.safe_load(text) or {}
+    except UnicodeDecodeError:
+        raise UserError(f"config file {path} is not text: pass a YAML file") from None
     except yaml.YAMLError as err:
-        raise UserError(f"config file {path} is not valid YAML: {str(err).splitlines()[0]}") from None
+        raise UserError(f"config file {path} is not valid YAML: {str(err).splitlines()[0][:200]}") from None
     if not isinstance(data, dict):
         raise UserError(f"config file {path} must be a mapping of option: value")
     out = {}
@@ -79,9 +84,13 @@ def read_config_file(path: str, allowed: set[str]) -> dict:
         if name == "methods":
             name = "method"
         if name not in allowed:
-            raise UserError(f"unknown config key {key!r} in {path}: see `lminf-eval COMMAND --help` for option names")
+            raise UserError(
+                f"unknown config key {shown(key)} in {path}: see `lminf-eval COMMAND --help` for option names"
+            )
         if name == "method" and isinstance(value, str):
             value = [value]
+        if name == "method" and not value:
+            raise UserError(f"{key} in {path} is empty: list at least one method (lminf-eval methods)")
         out[name] = value
     return out
 

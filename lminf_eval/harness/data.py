@@ -142,13 +142,14 @@ def iter_texts(name: str, entry: DatasetEntry):
 def load_documents(
     name: str,
     tokenizer,
-    num_docs: int,
+    num_docs: int | None,
     min_tokens: int,
     max_tokens: int,
     text_field: str | None = None,
     split: str | None = None,
 ) -> list[Document]:
-    """The first `num_docs` documents with at least `min_tokens` tokens, truncated to `max_tokens`."""
+    """The first `num_docs` documents (None: all) with at least `min_tokens` tokens, truncated to `max_tokens`;
+    fewer than asked is an error, so a run never reports a number of documents it did not read."""
     entry = resolve_dataset(name, text_field, split)
     tokenizer.model_max_length = 1 << 30  # documents are long on purpose
     docs, longest, seen = [], 0, 0
@@ -158,11 +159,16 @@ def load_documents(
         longest = max(longest, len(ids))
         if len(ids) >= min_tokens:
             docs.append(Document(doc_id, ids[:max_tokens]))
-            if len(docs) >= num_docs:
+            if num_docs is not None and len(docs) >= num_docs:
                 break
     if not docs:
         raise UserError(
             f"no document in {name!r} reaches {min_tokens} tokens (longest of {seen}: {longest}): "
             "lower --lengths or --min-tokens"
+        )
+    if num_docs is not None and len(docs) < num_docs:
+        raise UserError(
+            f"--num-docs {num_docs}: only {len(docs)} of the {seen} documents in {name!r} reach {min_tokens} "
+            f"tokens: pass --num-docs {len(docs)} or lower --lengths"
         )
     return docs

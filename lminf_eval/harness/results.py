@@ -73,7 +73,8 @@ def versions() -> dict:
 
 def default_output_dir(command: str, model: str) -> Path:
     safe = model.replace("/", "_").replace(".gguf", "")
-    return Path("results") / command / safe / time.strftime("%Y%m%d-%H%M%S")
+    # (the process id keeps two runs started in the same second apart)
+    return Path("results") / command / safe / f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
 
 
 def earlier_runs(command: str, model: str) -> list[Path]:
@@ -102,8 +103,12 @@ class RunDir:
         return self.path / ("samples.jsonl" if self.world == 1 else f"samples.rank{self.rank}.jsonl")
 
     def fingerprint(self) -> dict | None:
-        file = self.path / "run.json"
-        return json.loads(file.read_text())["fingerprint"] if file.exists() else None
+        """What run.json records of the run in this folder; None when it is missing or unreadable."""
+        try:
+            recorded = json.loads((self.path / "run.json").read_text())["fingerprint"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        return recorded if isinstance(recorded, dict) else None
 
     def open(self, fingerprint: dict, resume: bool) -> None:
         """Create and lock the folder; refuse a folder of another run (or any results without --resume);
@@ -136,7 +141,9 @@ class RunDir:
         if not self.refuse_results(resume):
             return
         recorded = self.fingerprint()
-        diff = differences(recorded, fingerprint) if recorded is not None else []
+        if recorded is None:  # results with no record of what computed them cannot be continued
+            raise UserError(f"--resume: {self.path} holds results but no readable run.json: pass another --output-dir")
+        diff = differences(recorded, fingerprint)
         if diff:
             raise UserError(
                 f"--resume: {self.path} holds a run with another {', '.join(diff)}: pass another --output-dir"
@@ -162,11 +169,6 @@ class RunDir:
         if bad:
             console.print(f"[yellow]{self.path}: {bad} unreadable line(s) in samples; those cells count as not run")
         return list(by_cell.values())
-
-    def finished(self, keep_oom: bool = False) -> set[str]:
-        """Cells that need not run again: the ones that finished ok (an OOM cell is retried unless `keep_oom`)."""
-        done = ("ok", "oom") if keep_oom else ("ok",)
-        return {cell_id(row["cell"]) for row in self.read_samples() if row["status"] in done}
 
     def record(self, key: dict, status: str, seconds: float, result: dict | None = None) -> None:
         """One line, written in one call and flushed to disk before the next cell starts."""

@@ -110,7 +110,8 @@ def execute(task_type: type[Task], run_config: RunConfig) -> Path:
 def _execute(task_type: type[Task], run_config: RunConfig) -> Path:
     rank, world = distributed(run_config.device)
     methods = parse_methods(run_config.method)  # fail fast on a typo, before a model loads
-    check_dataset(run_config.dataset, run_config.text_field, run_config.split)
+    if run_config.dataset is not None:  # (None: a task that makes its own inputs)
+        check_dataset(run_config.dataset, run_config.text_field, run_config.split)
     device, dtype = resolve_device(run_config.device, run_config.dtype)
     out = chosen_output_dir(run_config, world)
     if out is not None and rank == 0:  # (checked again under the folder's lock in `RunDir.open`)
@@ -143,7 +144,9 @@ def _execute(task_type: type[Task], run_config: RunConfig) -> Path:
     if rank != 0:
         run.open(fingerprint, run_config.resume)
     try:
-        done = run.finished(run_config.keep_oom) if run_config.resume else set()
+        keep = ("ok", "oom") if run_config.keep_oom else ("ok",)
+        done = {cell_id(r["cell"]) for r in _planned_rows(task, cells) if r["status"] in keep}
+        done = done if run_config.resume else set()
         mine = [c for i, c in enumerate(cells) if i % world == rank and cell_id(c.key) not in done]
         started = time.time()
         interrupted = False
@@ -173,15 +176,21 @@ def plan(task_type: type[Task], run_config: RunConfig) -> dict:
     comes from the registry or --pretraining-length (its config is on the hub); a bad value is a UserError."""
     methods = parse_methods(run_config.method)
     kind, source = model_source(run_config.model)
-    dataset = resolve_dataset(run_config.dataset, run_config.text_field, run_config.split)
-    if dataset.kind == "local":
+    dataset = (
+        resolve_dataset(run_config.dataset, run_config.text_field, run_config.split) if run_config.dataset else None
+    )
+    if dataset is not None and dataset.kind == "local":
         iter_texts(run_config.dataset, dataset)
     l_pre = run_config.pretraining_length or pretraining_length_for(run_config.model)
     if not l_pre and kind == "local":
         from transformers import AutoConfig
 
         l_pre = pretraining_length(AutoConfig.from_pretrained(source))
-    out = {"command": task_type.name, "model": f"{kind}:{source}", "dataset": f"{dataset.kind}:{dataset.target}"}
+    out = {
+        "command": task_type.name,
+        "model": f"{kind}:{source}",
+        "dataset": dataset and f"{dataset.kind}:{dataset.target}",
+    }
     if not l_pre:  # (a GGUF's L_pre is read when it loads)
         return out | {"pretraining_length": "from the model", "lengths": run_config.lengths, "methods": None}
     lengths = parse_lengths(run_config.lengths or task_type.default_lengths, l_pre)
@@ -285,7 +294,7 @@ def _run_cells(task: Task, cells: list[Cell], total: int, skipped: int) -> None:
 def _summarize(task: Task, cells: list[Cell], started: float, interrupted: bool) -> None:
     """results.json and the tables; "complete" only when every planned cell has a result."""
     ctx = task.ctx
-    rows = ctx.run.read_samples()
+    rows = _planned_rows(task, cells)
     missing = len({cell_id(c.key) for c in cells} - {cell_id(r["cell"]) for r in rows})
     status = "interrupted" if interrupted else ("complete" if not missing else "incomplete")
     metrics, tables = task.summarize(rows)
@@ -312,6 +321,29 @@ def _summarize(task: Task, cells: list[Cell], started: float, interrupted: bool)
     for name, df in tables.items():
         print_table(name, df)
     console.print(f"results: {ctx.run.path}")
+
+
+def _planned_rows(task: Task, cells: list[Cell]) -> list[dict]:
+    """The recorded rows that count: cells of this run's plan, finished with what the task writes (or out of
+    memory). Another run's lines and damaged results are left out, with a word; their cells run again."""
+    planned = {cell_id(c.key) for c in cells}
+    rows, outside, damaged = [], 0, 0
+    for row in task.ctx.run.read_samples():
+        if cell_id(row["cell"]) not in planned:
+            outside += 1
+        elif row.get("status") == "oom" or (row.get("status") == "ok" and _holds(row, task.result_fields)):
+            rows.append(row)
+        else:
+            damaged += 1
+    if outside:
+        console.print(f"[yellow]{task.ctx.run.path}: {outside} recorded cell(s) outside this run's plan, ignored")
+    if damaged:
+        console.print(f"[yellow]{task.ctx.run.path}: {damaged} recorded cell(s) without a usable result run again")
+    return rows
+
+
+def _holds(row: dict, fields: dict) -> bool:
+    return all(isinstance(row.get(name), kind) for name, kind in fields.items())
 
 
 def _jsonable(settings) -> dict | None:

@@ -29,6 +29,9 @@ if TYPE_CHECKING:  # (not at run time: the CLI builds its commands from this mod
 
 console = Console(stderr=True)
 
+# the flags of a task that reads documents (ppl, generate): a task that makes its own inputs ignores them
+DOCUMENT_FLAGS = ("dataset", "text_field", "split", "num_docs", "min_tokens")
+
 
 def option(default: Any, help: str, min: int | None = None) -> Any:
     """A flag: its default, its help line and, for a number, the least value it accepts (every int flag
@@ -72,7 +75,12 @@ class Task:
     help: ClassVar[str] = ""
     Options: ClassVar[type] = NoOptions
     default_lengths: ClassVar[str] = "0.5x,1x,2x,4x,8x,16x,32x"
+    default_methods: ClassVar[tuple[str, ...]] = ("vanilla", "lm-infinite")
     settings_defaults: ClassVar[dict] = {}  # LM-Infinite settings the paper used for this task (e.g. n_global)
+    # what a finished ("ok") row must hold, field -> type; a row without it is damaged and its cell runs again
+    result_fields: ClassVar[dict[str, type | tuple[type, ...]]] = {}
+    # shared flags (RunConfig fields, settings) the task does not read: absent from its command and its --config
+    ignores: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, ctx: Context):
         self.ctx = ctx

@@ -1,0 +1,125 @@
+"""No "complete" without the right numbers, and no traceback from any input (issue 20): each test here failed
+before its fix. Runs on a tiny random Llama (L_pre 32) and a local corpus written by the test."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import fixtures
+import pytest
+from typer.testing import CliRunner
+
+from lminf_eval.harness.cli import app
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny-reliability")
+    return SimpleNamespace(model=fixtures.checkpoint(root / "model"), data=fixtures.corpus(root / "corpus"))
+
+
+def run(tiny, *args, out: Path | None = None):
+    base = ["--model", tiny.model, "--n-global", "4"] + (["--dataset", tiny.data] if args[0] != "passkey" else [])
+    if out is not None:
+        base += ["--output-dir", out]
+    return runner.invoke(app, [str(a) for a in (*args, *base)])
+
+
+def one_line(res, expected: str) -> None:
+    lines = res.stderr.strip().splitlines()
+    assert res.exit_code == 2, res.output
+    assert len(lines) == 1 and lines[0].startswith("lminf-eval: error:") and expected in lines[0], res.stderr
+
+
+def samples(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+
+
+PPL = ("ppl", "--lengths", "1x,2x", "--num-docs", "2")
+
+
+def test_resume_into_a_folder_without_its_fingerprint_is_refused(tiny, tmp_path):
+    assert run(tiny, *PPL, out=tmp_path).exit_code == 0
+    (tmp_path / "run.json").unlink()
+    one_line(run(tiny, *PPL, "--n-global", "2", "--resume", out=tmp_path), "run.json")
+    (tmp_path / "run.json").write_text("")  # an empty (damaged) fingerprint is refused the same way
+    one_line(run(tiny, *PPL, "--resume", out=tmp_path), "run.json")
+
+
+def test_rows_outside_the_plan_never_count(tiny, tmp_path):
+    assert run(tiny, *PPL, out=tmp_path).exit_code == 0
+    before = (tmp_path / "ppl.md").read_text()
+    row = samples(tmp_path)[0]
+    foreign = {**row, "cell": {**row["cell"], "doc": "another-corpus/doc9"}}
+    with (tmp_path / "samples.jsonl").open("a") as fh:
+        fh.write(json.dumps(foreign) + "\n")
+    res = run(tiny, *PPL, "--resume", out=tmp_path)
+    assert res.exit_code == 0, res.output
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["status"] == "complete" and results["cells"]["total"] == results["cells"]["planned"]
+    assert (tmp_path / "ppl.md").read_text() == before and "outside" in res.output
+
+
+def test_an_ok_row_without_its_result_runs_again(tiny, tmp_path):
+    assert run(tiny, *PPL, out=tmp_path).exit_code == 0
+    before = (tmp_path / "ppl.md").read_text()
+    rows = samples(tmp_path)
+    del rows[0]["nll"]
+    rows[1]["nll"] = "not a list"
+    (tmp_path / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "results.json").unlink()
+    assert run(tiny, *PPL, "--resume", out=tmp_path).exit_code == 0
+    assert (tmp_path / "ppl.md").read_text() == before and "| - |" not in before
+
+
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (("ppl", "--method", "vanilla,vanilla"), "given twice"),
+        (("ppl", "--method", "lm-infinite:n_global=1:n_global=2"), "n_global given twice"),
+        (("ppl", "--method", "streaming-llm:limit_distance=5"), "limit_distance"),
+        (("ppl", "--method", "lm-infinite:top_k=5:top_k_from_layer=100"), "top_k_from_layer"),
+        (("ppl", "--method", "lm-infinite:n_local=1e30"), "n_local"),
+        (("ppl", "--method", "lm-infinite:n_global=1e20:n_local=inf"), "n_global"),
+        (("ppl", "--pretraining-length", "100000000000000000000"), "--pretraining-length"),
+        (("ppl", "--seed", str(2**70)), "--seed"),
+        (("ppl", "--num-docs", "50"), "--num-docs"),
+        (("passkey", "--depths", "0,0.0"), "--depths"),
+        (("passkey", "--variants", "single,single"), "--variants"),
+        (("passkey", "--key-type", "word", "--distractors", "900"), "distinct words"),
+    ],
+)
+def test_bad_values_are_one_line(tiny, tmp_path, args, expected):
+    one_line(run(tiny, *args, "--lengths", "2x", out=tmp_path / "out"), expected)
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_config_files_are_one_short_line(tiny, tmp_path):
+    laughs = tmp_path / "laughs.yaml"
+    lines = ['a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
+    lines += [
+        f"{c}: &{c} [*{p},*{p},*{p},*{p},*{p},*{p},*{p},*{p},*{p}]" for p, c in zip("abcdefgh", "bcdefghi", strict=True)
+    ]
+    laughs.write_text("\n".join(lines) + "\nmethod: *i\n")
+    res = run(tiny, "ppl", "--config", laughs, out=tmp_path / "out")
+    one_line(res, "alias")
+    assert len(res.stderr) < 500
+    binary = tmp_path / "binary.yaml"
+    binary.write_bytes(bytes(range(256)) * 4)
+    one_line(run(tiny, "ppl", "--config", binary, out=tmp_path / "out"), "binary.yaml")
+    empty = tmp_path / "empty-methods.yaml"
+    empty.write_text("methods: []\n")
+    one_line(run(tiny, "ppl", "--config", empty, out=tmp_path / "out"), "method")
+
+
+def test_default_folders_of_two_runs_differ_even_in_the_same_second():
+    import subprocess
+    import sys
+
+    code = "from lminf_eval.harness.results import default_output_dir as d; print(d('ppl', 'tiny-rope').name)"
+    a, b = (subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout for _ in "ab")
+    assert a.strip() and a != b and a.split("-")[:2] != a.split("-")  # a timestamp, then what keeps them apart
