@@ -89,7 +89,7 @@ def apply_lm_infinite(
     `math.inf` switches the window or the ceiling off, for the ablations). The peer methods are settings too:
     a RoPE scaling (`rope_type`) is set on the model first, and attention is replaced only where the settings
     change it (`Settings.changes_attention`). `target_length`: the longest input, for the default rope_factor."""
-    config = model.config
+    config = getattr(model, "config", None)
     family = FAMILIES.get(getattr(config, "model_type", None))
     if family is None:
         raise LMInfiniteError(
@@ -106,6 +106,7 @@ def apply_lm_infinite(
     # (checked before an earlier patch is removed: a refused re-apply leaves the model as it was)
     if getattr(model, "lm_infinite", None) is not None:
         remove_lm_infinite(model)
+        config = model.config  # (the earlier patch's own copy is gone: patch the model's config again)
     patch = Patch(resolved, None, l_pre)
     if resolved.rope_type != "none":
         patch.undo_rope = apply_rope_scaling(model, resolved.rope_type, resolved.rope_factor, l_pre)

@@ -123,3 +123,43 @@ def test_default_folders_of_two_runs_differ_even_in_the_same_second():
     code = "from lminf_eval.harness.results import default_output_dir as d; print(d('ppl', 'tiny-rope').name)"
     a, b = (subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout for _ in "ab")
     assert a.strip() and a != b and a.split("-")[:2] != a.split("-")  # a timestamp, then what keeps them apart
+
+
+# --- the library ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", ["llama", "mpt", "gptj"])
+def test_reapply_then_remove_gives_vanilla_bit_for_bit(family):
+    import torch
+    from models import L_PRE, tiny_model
+
+    import lminf_eval
+
+    model = tiny_model(family)
+    ids = torch.randint(0, 90, (1, L_PRE))
+    vanilla = model(ids).logits  # (with autograd on, as a notebook calls it)
+    lminf_eval.apply_lm_infinite(model, n_global=1, n_local=4)
+    first = model(ids).logits
+    lminf_eval.apply_lm_infinite(model, n_global=2, n_local=4)  # a re-apply reconfigures...
+    assert not torch.equal(model(ids).logits, first)
+    lminf_eval.remove_lm_infinite(model)  # ...and one remove undoes everything
+    assert model.config._attn_implementation != "lm_infinite" and torch.equal(model(ids).logits, vanilla)
+
+
+@pytest.mark.parametrize(
+    "model, settings, expected",
+    [
+        ("linear", {}, "unsupported architecture 'Linear'"),
+        ("llama", {"n_local": 1e30}, "at most"),
+        ("llama", {"top_k": 2, "top_k_from_layer": 99}, "top_k_from_layer"),
+    ],
+)
+def test_the_library_refuses_in_one_line(model, settings, expected):
+    import torch
+    from models import tiny_model
+
+    import lminf_eval
+
+    target = torch.nn.Linear(2, 2) if model == "linear" else tiny_model(model)
+    with pytest.raises(lminf_eval.LMInfiniteError, match=expected):
+        lminf_eval.apply_lm_infinite(target, **settings)

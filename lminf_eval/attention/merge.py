@@ -15,6 +15,8 @@ def merge(parts: list[tuple[torch.Tensor, torch.Tensor]], into: torch.Tensor) ->
     weights = (lse - lse.max(0).values).exp_().nan_to_num_(0.0)
     weights /= weights.sum(0).clamp_min(1e-30)
     weights = weights.unsqueeze(-1)
+    if torch.is_grad_enabled() and any(o.requires_grad for o, _ in parts):  # (autograd refuses `out=`)
+        return into.copy_(sum(o * wt for (o, _), wt in zip(parts, weights, strict=True)))
     acc = into if into.dtype in (torch.float32, torch.float64) else torch.empty(into.shape, device=into.device)
     torch.mul(parts[0][0], weights[0], out=acc)
     for (o, _), wt in zip(parts[1:], weights[1:], strict=True):
