@@ -9,9 +9,12 @@ from types import SimpleNamespace
 
 import fixtures
 import pytest
+import torch
 from typer.testing import CliRunner
 
+import lminf_eval
 from lminf_eval.harness.cli import app
+from models import L_PRE, tiny_model
 
 runner = CliRunner()
 
@@ -130,11 +133,6 @@ def test_default_folders_of_two_runs_differ_even_in_the_same_second():
 
 @pytest.mark.parametrize("family", ["llama", "mpt", "gptj"])
 def test_reapply_then_remove_gives_vanilla_bit_for_bit(family):
-    import torch
-    from models import L_PRE, tiny_model
-
-    import lminf_eval
-
     model = tiny_model(family)
     ids = torch.randint(0, 90, (1, L_PRE))
     vanilla = model(ids).logits  # (with autograd on, as a notebook calls it)
@@ -155,11 +153,6 @@ def test_reapply_then_remove_gives_vanilla_bit_for_bit(family):
     ],
 )
 def test_the_library_refuses_in_one_line(model, settings, expected):
-    import torch
-    from models import tiny_model
-
-    import lminf_eval
-
     target = torch.nn.Linear(2, 2) if model == "linear" else tiny_model(model)
     with pytest.raises(lminf_eval.LMInfiniteError, match=expected):
         lminf_eval.apply_lm_infinite(target, **settings)
