@@ -14,6 +14,7 @@ Keys, values, names and positions are drawn from `--seed`.
 
 from __future__ import annotations
 
+import hashlib
 import random
 import re
 import uuid
@@ -24,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from lminf_eval.errors import UserError
+from lminf_eval.harness.intervals import Estimate, accuracy
 from lminf_eval.harness.models import REPO_ROOT
 from lminf_eval.harness.task import DOCUMENT_FLAGS, Cell, Task, option, register_task
 
@@ -92,21 +94,50 @@ def draw(kind: str, count: int, rng: random.Random) -> list[str]:
     return out
 
 
-@cache
 def haystack_units(haystack: str) -> tuple[str, ...]:
     """The pieces a haystack is made of, in order (cycled when a prompt needs more): the filler sentence
-    group, or the sentences of a text."""
+    group, or the sentences of a text (read again when the file changes)."""
     path = HAYSTACKS.get(haystack, Path(haystack))
     if path is None:
         return (FILLER,)
     try:
+        stat = path.stat()
+    except OSError as err:
+        raise UserError(f"--haystack {haystack}: {err.strerror}: use repeat, essay or a readable text file") from None
+    return _units(haystack, path, stat.st_mtime_ns, stat.st_size)
+
+
+@cache
+def _units(haystack: str, path: Path, mtime_ns: int, size: int) -> tuple[str, ...]:
+    try:
         text = path.read_text(encoding="utf-8", errors="replace")
     except OSError as err:
         raise UserError(f"--haystack {haystack}: {err.strerror}: use repeat, essay or a readable text file") from None
-    units = tuple(" " + s for s in re.split(r"(?<=[.!?])\s+", " ".join(text.split())) if s)
+    sentences = re.split(r"(?<=[.!?])\s+", " ".join(text.split()))
+    units = tuple(" " + piece for s in sentences if s for piece in _short_pieces(s))
     if not units:
         raise UserError(f"--haystack {haystack} holds no text")
     return units
+
+
+UNIT_CHARS = 100  # a haystack piece is at most this long (a text without sentence punctuation still fills)
+TOLERANCE = 8  # a prompt holds between length - TOLERANCE and length tokens (else the length is refused)
+
+
+def _short_pieces(sentence: str) -> list[str]:
+    """A sentence, cut at word boundaries (or inside a word longer than a piece) into pieces of at most
+    UNIT_CHARS: a text without sentence punctuation still fills a prompt in small steps."""
+    pieces, current = [], ""
+    for word in sentence.split(" "):
+        while len(word) > UNIT_CHARS:
+            pieces += [current] if current else []
+            current, pieces, word = "", [*pieces, word[:UNIT_CHARS]], word[UNIT_CHARS:]
+        if current and len(current) + 1 + len(word) > UNIT_CHARS:
+            pieces.append(current)
+            current = word
+        else:
+            current = f"{current} {word}" if current else word
+    return [*pieces, current] if current else pieces
 
 
 def make_prompt(tokenizer, length: int, depth: float, rng: random.Random, needles: Needles = Needles(),
@@ -131,22 +162,45 @@ def make_prompt(tokenizer, length: int, depth: float, rng: random.Random, needle
     units = haystack_units(haystack)
     placement = rng.random()  # other needles' positions are redrawn identically for every trial length below
 
-    def build(slots: int) -> list[int]:
-        hay = [units[i % len(units)] for i in range(slots)]
+    def build(slots: int, extra: int = 0) -> list[int]:
+        """The prompt with `slots` haystack pieces and the first `extra` characters of the next one."""
+        hay = [units[i % len(units)] for i in range(slots)] + ([units[slots % len(units)][:extra]] if extra else [])
         place = random.Random(placement)
         for other in others:
             hay.insert(place.randint(0, len(hay)), other)
         hay.insert(round(depth * len(hay)), needle)
         return tokenizer(PREFIX + "".join(hay) + question, add_special_tokens=True).input_ids
 
+    fixed = len(build(0))
+    if fixed > length:
+        raise UserError(
+            f"a {length}-token passkey prompt cannot hold its needles and question ({fixed} tokens): raise "
+            "--lengths or lower --distractors/--values/--queries"
+        )
+    # the most whole pieces that stay within the length (tokenisation is not additive: estimate, then step)...
     sample = "".join(units[i % len(units)] for i in range(8))
     per_unit = max(1, len(tokenizer(sample, add_special_tokens=False).input_ids) // 8)
-    slots = max(1, length // per_unit)
-    for _ in range(4):  # tokenisation is not additive: converge on the length
-        ids = build(slots)
-        if abs(len(ids) - length) < per_unit:
+    slots = max(0, (length - fixed) // per_unit)
+    for _ in range(6):
+        step = round((length - len(build(slots))) / per_unit)
+        if step == 0:
             break
-        slots = max(1, slots + (length - len(ids)) // per_unit)
+        slots = max(0, slots + step)
+    while slots and len(build(slots)) > length:
+        slots -= 1
+    while len(build(slots + 1)) <= length:
+        slots += 1
+    # ...then as much of the next piece as fits, found by bisection over its characters
+    lo, hi = 0, len(units[slots % len(units)])
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if len(build(slots, mid)) <= length else (lo, mid - 1)
+    ids = build(slots, lo)
+    if len(ids) < length - TOLERANCE:
+        raise UserError(
+            f"passkey prompt of {len(ids)} tokens for length {length}: pass a --haystack of plain text, or other "
+            "--lengths"
+        )
     return ids, answers
 
 
@@ -222,6 +276,13 @@ class Passkey(Task):
             raise UserError(f"{keys} keys per prompt but only {len(ADJECTIVES) * len(NOUNS)} distinct words: lower "
                             "--distractors/--queries or pass --key-type number or uuid")  # fmt: skip
         haystack_units(options.haystack)  # a missing or empty file fails now
+        for needles in self.needles.values():  # a length no prompt can land on fails now, not mid-run
+            for length in self.ctx.lengths:
+                make_prompt(self.ctx.tokenizer, length, 0.5, random.Random(0), needles, options.haystack)
+
+    def data_digest(self) -> str:
+        """The haystack by content: a file edited between a run and its --resume is a different run."""
+        return hashlib.sha256("".join(haystack_units(self.options.haystack)).encode()).hexdigest()[:16]
 
     def cells(self) -> list[Cell]:
         cells = []
@@ -275,11 +336,20 @@ class Passkey(Task):
             counts.setdefault((label, c["length"]), []).append((r["correct"], r.get("recall", r["correct"])))
             counts.setdefault((label, c["length"], d), []).append((r["correct"], r.get("recall", r["correct"])))
         for key, vals in counts.items():
-            (acc if len(key) == 2 else by_depth)[key] = 100.0 * sum(v[0] for v in vals) / len(vals)
+            (acc if len(key) == 2 else by_depth)[key] = accuracy(sum(v[0] for v in vals), len(vals))  # (Wilson 95%)
             if len(key) == 2:
                 recall[key] = 100.0 * sum(v[1] for v in vals) / len(vals)
-        tables = {"passkey_accuracy": self._with_average(method_table(acc, labels, ctx.lengths, oom=oom))}
+        pooled = {  # every prompt of a row, for the interval of its average
+            label: [v[0] for key, vals in counts.items() if key[0] == label and len(key) == 2 for v in vals]
+            for label in labels
+        }
+        table = method_table(acc, labels, ctx.lengths, oom=oom)
+        tables = {"passkey_accuracy": self._with_average(table, pooled)}
         metrics = {label: {str(L): acc.get((label, L)) for L in ctx.lengths} for label in labels}
+        for label in labels:
+            metrics[label]["ci95"] = {
+                str(L): [acc[label, L].lo, acc[label, L].hi] for L in ctx.lengths if (label, L) in acc
+            }
         if any(n.asked > 1 for n in self.needles.values()):  # share of asked values found (RULER's score)
             tables["passkey_recall"] = self._with_average(method_table(recall, labels, ctx.lengths, oom=oom))
             for label in labels:
@@ -294,8 +364,14 @@ class Passkey(Task):
         return metrics, tables
 
     @staticmethod
-    def _with_average(table):
-        table["avg"] = table.apply(lambda row: np.nanmean([v for v in row if isinstance(v, float)] or [np.nan]), axis=1)
+    def _with_average(table, pooled: dict[str, list[bool]] | None = None):
+        """An `avg` column: the mean over lengths; with `pooled` (each row's prompts), its Wilson 95% interval."""
+        average = table.apply(lambda row: np.nanmean([v for v in row if isinstance(v, float)] or [np.nan]), axis=1)
+        table["avg"] = average.astype(object)  # (a cell may become an Estimate below)
+        for label, hits in (pooled or {}).items():
+            if hits and not np.isnan(table.loc[label, "avg"]):
+                interval = accuracy(sum(hits), len(hits))
+                table.loc[label, "avg"] = Estimate(table.loc[label, "avg"], interval.lo, interval.hi)
         return table
 
     def plots(self, rows) -> None:

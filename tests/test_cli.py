@@ -76,6 +76,14 @@ def test_ppl_end_to_end(tiny, tmp_path):
     assert table.loc["vanilla", "256"] != pytest.approx(table.loc["lm-infinite", "256"], rel=1e-3)
     for name in ("ppl.md", "nll.csv", "nll_vs_position.png"):
         assert (tmp_path / name).stat().st_size > 0
+    # two documents: every number with its bootstrap interval, in results.json, the CSV beside, the Markdown
+    lo, hi = results["tables"]["ppl"]["lo"][1][2], results["tables"]["ppl"]["hi"][1][2]
+    assert lo <= table.loc["lm-infinite", "256"] <= hi and results["metrics"]["lm-infinite"]["256"]["ppl_ci95"] == [
+        lo,
+        hi,
+    ]
+    assert pd.read_csv(tmp_path / "ppl_intervals.csv", index_col=0).loc["lm-infinite", "256 lo"] == pytest.approx(lo)
+    assert "[" in (tmp_path / "ppl.md").read_text().splitlines()[-1]
 
 
 def test_ppl_stream_keeps_memory_flat(tiny, tmp_path):
@@ -93,7 +101,7 @@ def test_passkey_end_to_end(tiny, tmp_path):
         tiny,
         "passkey",
         "--lengths",
-        "2x,4x",
+        "32x,48x",  # (the tiny byte-level tokenizer spends ~500 tokens on the prompt's fixed part)
         "--depths",
         "0,0.5,1",
         "--num-samples",
@@ -112,7 +120,7 @@ def test_passkey_end_to_end(tiny, tmp_path):
     keys = {(s["cell"]["length"], s["cell"]["depth"], s["cell"]["sample"], s["key"]) for s in samples}
     assert len(keys) == 2 * 3 * 2
     acc = pd.read_csv(tmp_path / "passkey_accuracy.csv", index_col=0)
-    assert list(acc.columns) == ["64", "128", "avg"] and len(acc) == 3
+    assert list(acc.columns) == ["1024", "1536", "avg"] and len(acc) == 3
     assert (tmp_path / "passkey_by_depth.csv").exists()
     assert len(list(tmp_path.glob("passkey_heatmap_*.png"))) == 3
 
@@ -248,7 +256,7 @@ def test_oom_cell_is_recorded_and_run_goes_on(tiny, tmp_path, monkeypatch):
 def test_nll_buckets_by_hand():
     methods = parse_methods(["vanilla"])
     options = PerplexityOptions(bucket_size=2)
-    run_config = SimpleNamespace(options=options)
+    run_config = SimpleNamespace(options=options, seed=0)
     task = Perplexity(SimpleNamespace(lengths=[4, 8], l_pre=8, methods=methods, run_config=run_config))
     rows = [  # nll[k] is the NLL of target position k + 1
         {"cell": {"method": "vanilla", "doc": "a"}, "status": "ok", "nll": [1, 2, 3, 4, 5, 6, 7]},
@@ -257,7 +265,10 @@ def test_nll_buckets_by_hand():
     metrics, tables = task.summarize(rows)
     # at 4: targets 2,3 -> a: 2,3  b: 3,5 -> mean 3.25 ; at 8: targets 6,7 -> a only: 6,7 -> 6.5
     assert metrics["vanilla"]["4"]["nll"] == pytest.approx(3.25)
-    assert metrics["vanilla"]["8"] == {"ppl": pytest.approx(math.exp(6.5)), "nll": 6.5, "docs": 1}
+    one_doc = {"ppl": pytest.approx(math.exp(6.5)), "nll": 6.5, "docs": 1, "ppl_ci95": [None, None]}
+    assert metrics["vanilla"]["8"] == one_doc | {"nll_ci95": [None, None]}  # (no interval from one document)
+    lo, hi = metrics["vanilla"]["4"]["nll_ci95"]  # two documents, means 2.5 and 4: resampled, within them
+    assert lo == pytest.approx(2.5) and hi == pytest.approx(4.0) and tables["nll"].loc["vanilla", "4"].lo == lo
     assert metrics["vanilla"]["overall"]["nll"] == pytest.approx((28 + 17) / 11)
     assert tables["ppl"].loc["vanilla", "4"] == pytest.approx(math.exp(3.25))
 
@@ -334,7 +345,7 @@ def test_essay_and_file_haystacks(tmp_path):
 
 
 def test_passkey_variants_end_to_end(tiny, tmp_path):
-    args = ["passkey", "--lengths", "2x", "--depths", "0,1", "--num-samples", "1", "--method", "vanilla,lm-infinite"]
+    args = ["passkey", "--lengths", "48x", "--depths", "0,1", "--num-samples", "1", "--method", "vanilla,lm-infinite"]
     args += ["--variants", "single,multivalue,multiquery", "--values", "2", "--queries", "2", "--key-type", "word"]
     res = run(tiny, *args, "--haystack", "essay", out=tmp_path)
     assert res.exit_code == 0, res.output
@@ -484,7 +495,7 @@ def test_each_command_lists_and_reads_only_its_own_flags(tiny, tmp_path):
     config.write_text("dataset: arxiv-sample\n")
     res = run(tiny, "passkey", "--config", config, out=tmp_path / "refused")
     assert res.exit_code == 2 and "unknown config key 'dataset'" in res.stderr
-    res = run(tiny, "passkey", "--lengths", "1x", "--num-samples", "1", "--method", "vanilla", out=tmp_path / "pk")
+    res = run(tiny, "passkey", "--lengths", "32x", "--num-samples", "1", "--method", "vanilla", out=tmp_path / "pk")
     assert res.exit_code == 0, res.output
     assert json.loads((tmp_path / "pk" / "results.json").read_text())["config"]["dataset"] is None
     res = run(tiny, "stream", "--stream-tokens", "300", "--chunk-size", "64", out=tmp_path / "stream")
@@ -705,7 +716,7 @@ def test_non_finite_nll_marks_the_cell_instead_of_dropping_the_document():
     """A document with a non-finite NLL (stored as null) makes its cells NaN: no method's number may come from
     fewer documents than another's."""
     methods = parse_methods(["vanilla", "lm-infinite"])
-    run_config = SimpleNamespace(options=PerplexityOptions(bucket_size=2))
+    run_config = SimpleNamespace(options=PerplexityOptions(bucket_size=2), seed=0)
     task = Perplexity(SimpleNamespace(lengths=[4, 8], l_pre=8, methods=methods, run_config=run_config))
     rows = [
         {"cell": {"method": m, "doc": d}, "status": "ok", "nll": nll}

@@ -156,3 +156,38 @@ def test_the_library_refuses_in_one_line(model, settings, expected):
     target = torch.nn.Linear(2, 2) if model == "linear" else tiny_model(model)
     with pytest.raises(lminf_eval.LMInfiniteError, match=expected):
         lminf_eval.apply_lm_infinite(target, **settings)
+
+
+# --- passkey prompts are what their label says ---------------------------------------------------------
+
+
+def test_passkey_prompts_land_near_their_length_or_are_refused(tiny, tmp_path):
+    import random
+
+    from fixtures import tokenizer
+    from lminf_eval.tasks.passkey import Needles, make_prompt
+
+    from lminf_eval.errors import UserError
+
+    tok = tokenizer()
+    unpunctuated = tmp_path / "words.txt"
+    unpunctuated.write_text(" ".join(["word"] * 20000))
+    binary = tmp_path / "binary.txt"
+    binary.write_bytes(bytes(range(256)) * 200)
+    for haystack in ("repeat", str(unpunctuated), str(binary)):
+        for length in (800, 1200, 3000):
+            ids, _ = make_prompt(tok, length, 0.5, random.Random(0), Needles(), haystack)
+            assert length - 8 <= len(ids) <= length, (haystack, length, len(ids))  # (TOLERANCE)
+    with pytest.raises(UserError, match="cannot hold"):
+        make_prompt(tok, 256, 0.5, random.Random(0), Needles(distractors=50, key_type="word"))
+    one_line(run(tiny, "passkey", "--lengths", "16,32", out=tmp_path / "out"), "cannot hold")
+
+
+def test_an_edited_haystack_is_another_run(tiny, tmp_path):
+    hay = tmp_path / "hay.txt"
+    hay.write_text("The river runs to the sea. " * 400)
+    args = ("passkey", "--lengths", "32x", "--num-samples", "1", "--method", "vanilla", "--haystack", hay)
+    assert run(tiny, *args, out=tmp_path / "out").exit_code == 0
+    (tmp_path / "out" / "results.json").unlink()
+    hay.write_text("The mountain stands by the lake. " * 400)
+    one_line(run(tiny, *args, "--resume", out=tmp_path / "out"), "documents")
