@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lminf_eval.errors import INSTALL_LM_EVAL, UserError
+from lminf_eval.harness.intervals import Estimate
 from lminf_eval.harness.task import DOCUMENT_FLAGS, Cell, Task, option, register_task
 
 from .base import method_table, ok_rows, slug
@@ -131,7 +132,7 @@ class Harness(Task):
                 for name, value in metrics.items():
                     metric = _metric(name, value, [r["cell"]["length"]] if "length" in r["cell"] else self.ctx.lengths)
                     if metric is not None:
-                        scores.setdefault(task, {})[r["cell"]["method"], metric] = value
+                        scores.setdefault(task, {})[r["cell"]["method"], metric] = _with_stderr(name, value, metrics)
         tables = {}
         for task, values in scores.items():
             columns = list(dict.fromkeys(metric for _, metric in values))
@@ -142,6 +143,16 @@ class Harness(Task):
             metrics["results"].setdefault(r["cell"]["method"], {})[task] = r["lm_eval"]["results"]
             metrics["configs"][task] = r["lm_eval"]["configs"]
         return metrics, tables
+
+
+def _with_stderr(name: str, value: float, metrics: dict) -> float:
+    """lm-eval's value of `name` ("acc,none") with its standard error ("acc_stderr,none") when lm-eval gives one
+    (a number: RULER's per-length scores give "N/A")."""
+    metric, _, filt = name.partition(",")
+    stderr = metrics.get(f"{metric}_stderr,{filt}")
+    if isinstance(stderr, (int, float)) and not isinstance(stderr, bool) and math.isfinite(stderr):
+        return Estimate(value, stderr=float(stderr))
+    return value
 
 
 def _length_style(index: dict, name: str) -> str | None:

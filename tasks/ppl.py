@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from lminf_eval.harness.data import Document, load_documents
+from lminf_eval.harness.intervals import Estimate, bootstrap_mean
 from lminf_eval.harness.task import Cell, Task, console, option, register_task
 
 from .base import method_table, ok_rows
@@ -55,6 +56,11 @@ def strided_nll(model, ids: torch.Tensor, window: int) -> torch.Tensor:
         if end == n:
             break
     return nll
+
+
+def _metric(nll: Estimate, ppl: Estimate) -> dict:
+    """One cell of results.json's metrics: the numbers and their 95% intervals (null with one document)."""
+    return {"ppl": float(ppl), "nll": float(nll), "ppl_ci95": [ppl.lo, ppl.hi], "nll_ci95": [nll.lo, nll.hi]}
 
 
 @dataclass
@@ -151,15 +157,18 @@ class Perplexity(Task):
                     ppl[label, length] = nll_tab[label, length] = "NaN"
                     metrics[label][str(length)] = {"ppl": None, "nll": None, "docs": int(len(vals)), "non_finite": bad}
                     continue
-                mean = float(vals.mean())
-                nll_tab[label, length] = mean
-                ppl[label, length] = math.exp(min(mean, 700))
-                metrics[label][str(length)] = {"ppl": ppl[label, length], "nll": mean, "docs": int(len(vals))}
+                per_doc = vals.sum(1), np.full(len(vals), vals.shape[1])
+                nll_tab[label, length], ppl[label, length] = self._estimates(float(vals.mean()), *per_doc)
+                metrics[label][str(length)] = _metric(nll_tab[label, length], ppl[label, length]) | {"docs": len(vals)}
             inside = np.arange(mat.shape[1])[None, :] < n_targets[:, None]
-            overall = float(np.nanmean(mat)) if not np.isnan(mat[inside]).any() else "NaN"
-            nll_tab[label, "overall"] = overall
-            ppl[label, "overall"] = math.exp(min(overall, 700)) if overall != "NaN" else "NaN"
-            metrics[label]["overall"] = {"ppl": ppl[label, "overall"], "nll": overall}
+            if np.isnan(mat[inside]).any():
+                nll_tab[label, "overall"] = ppl[label, "overall"] = "NaN"
+                metrics[label]["overall"] = {"ppl": "NaN", "nll": "NaN"}
+                continue
+            nll_tab[label, "overall"], ppl[label, "overall"] = self._estimates(
+                float(np.nanmean(mat)), np.nansum(mat, 1), n_targets
+            )
+            metrics[label]["overall"] = _metric(nll_tab[label, "overall"], ppl[label, "overall"])
         cols = [*lengths, "overall"]
         tables = {
             "ppl": method_table(ppl, self.labels, cols, oom=oom),
@@ -167,6 +176,12 @@ class Perplexity(Task):
         }
         metrics["bucket_size"] = b
         return metrics, tables
+
+    def _estimates(self, mean: float, sums, counts) -> tuple[Estimate, Estimate]:
+        """(mean NLL, perplexity) of the documents' targets (NLL sum and count per document), each with a 95%
+        bootstrap interval over documents (none with one document), seeded by --seed."""
+        lo, hi = bootstrap_mean(sums, counts, self.ctx.run_config.seed) or (None, None)
+        return Estimate(mean, lo, hi), Estimate(*(None if v is None else math.exp(min(v, 700)) for v in (mean, lo, hi)))
 
     def plots(self, rows) -> None:
         import matplotlib

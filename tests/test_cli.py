@@ -78,10 +78,8 @@ def test_ppl_end_to_end(tiny, tmp_path):
         assert (tmp_path / name).stat().st_size > 0
     # two documents: every number with its bootstrap interval, in results.json, the CSV beside, the Markdown
     lo, hi = results["tables"]["ppl"]["lo"][1][2], results["tables"]["ppl"]["hi"][1][2]
-    assert lo <= table.loc["lm-infinite", "256"] <= hi and results["metrics"]["lm-infinite"]["256"]["ppl_ci95"] == [
-        lo,
-        hi,
-    ]
+    assert lo <= table.loc["lm-infinite", "256"] <= hi
+    assert results["metrics"]["lm-infinite"]["256"]["ppl_ci95"] == [lo, hi]
     assert pd.read_csv(tmp_path / "ppl_intervals.csv", index_col=0).loc["lm-infinite", "256 lo"] == pytest.approx(lo)
     assert "[" in (tmp_path / "ppl.md").read_text().splitlines()[-1]
 

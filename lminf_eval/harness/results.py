@@ -14,6 +14,7 @@ import pandas as pd
 
 from ..errors import UserError
 from .models import REPO_ROOT
+from .schema import Results, format_number  # noqa: F401  (format_number: the runner's terminal tables)
 from .task import console
 
 
@@ -192,27 +193,14 @@ class RunDir:
         for file in self.path.glob("samples.rank*.jsonl"):
             file.unlink()
 
-    def write_summary(self, summary: dict, tables: dict[str, pd.DataFrame]) -> None:
+    def write_summary(self, summary: Results, tables: dict[str, pd.DataFrame]) -> None:
+        """Per table: NAME.csv (the values), NAME_intervals.csv (95% intervals or standard errors, where the
+        task gives them), NAME.md (both); then results.json."""
         for name, df in tables.items():
             df.to_csv(self.path / f"{name}.csv")
-            (self.path / f"{name}.md").write_text(to_markdown(df) + "\n")
-        summary["tables"] = {name: json.loads(df.to_json(orient="split")) for name, df in tables.items()}
-        (self.path / "results.json").write_text(json.dumps(summary, indent=1, default=str))
-
-
-def format_number(v) -> str:
-    """Perplexities span 1 to 1e5: two decimals in the normal range, 3 significant digits outside it."""
-    if isinstance(v, float):
-        if v != v:
-            return "-"
-        return f"{v:.3g}" if abs(v) >= 1e4 or (v != 0 and abs(v) < 1e-2) else f"{v:.2f}"
-    return str(v)
-
-
-def to_markdown(df: pd.DataFrame) -> str:
-    """A pipe table without the optional `tabulate` dependency."""
-    head = [df.index.name or ""] + [str(c) for c in df.columns]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for idx, row in df.iterrows():
-        lines.append("| " + " | ".join([str(idx)] + [format_number(v) for v in row.tolist()]) + " |")
-    return "\n".join(lines)
+            table = summary.tables[name]
+            intervals = table.interval_frame()
+            if intervals is not None:
+                intervals.to_csv(self.path / f"{name}_intervals.csv")
+            (self.path / f"{name}.md").write_text(table.markdown() + "\n")
+        (self.path / "results.json").write_text(summary.to_json())

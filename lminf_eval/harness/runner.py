@@ -27,6 +27,8 @@ from .config import RunConfig, parse_lengths
 from .data import check_dataset, iter_texts, resolve_dataset
 from .models import load_model, model_source, pretraining_length_for, weights_digest
 from .results import RunDir, cell_id, default_output_dir, earlier_runs, format_number, git_hash, versions
+from .schema import Cells, MethodSettings, Resolved, Results
+from .schema import Table as ResultsTable
 from .task import Cell, Context, Task, console
 
 
@@ -298,23 +300,22 @@ def _summarize(task: Task, cells: list[Cell], started: float, interrupted: bool)
     missing = len({cell_id(c.key) for c in cells} - {cell_id(r["cell"]) for r in rows})
     status = "interrupted" if interrupted else ("complete" if not missing else "incomplete")
     metrics, tables = task.summarize(rows)
-    summary = {
-        "command": ctx.run_config.command,
-        "argv": ctx.run_config.argv,
-        "status": status,
-        "config": ctx.run_config.to_dict(),
-        "resolved": {
-            "pretraining_length": ctx.l_pre,
-            "lengths": ctx.lengths,
-            "methods": [{"label": m.label, "settings": _jsonable(ctx.settings[m.label])} for m in ctx.methods],
-        },
-        "versions": versions(),
-        "git": git_hash(),
-        "device": str(ctx.device) + (f" ({torch.cuda.get_device_name()})" if ctx.device.type == "cuda" else ""),
-        "wall_seconds": round(time.time() - started, 2),
-        "cells": {"total": len(rows), "planned": len(cells), "oom": sum(r["status"] == "oom" for r in rows)},
-        "metrics": metrics,
-    }
+    summary = Results(
+        command=ctx.run_config.command,
+        argv=ctx.run_config.argv,
+        status=status,
+        config=ctx.run_config.to_dict(),
+        resolved=Resolved(
+            ctx.l_pre, ctx.lengths, [MethodSettings(m.label, _jsonable(ctx.settings[m.label])) for m in ctx.methods]
+        ),
+        versions=versions(),
+        git=git_hash(),
+        device=str(ctx.device) + (f" ({torch.cuda.get_device_name()})" if ctx.device.type == "cuda" else ""),
+        wall_seconds=round(time.time() - started, 2),
+        cells=Cells(len(rows), len(cells), sum(r["status"] == "oom" for r in rows)),
+        metrics=metrics,
+        tables={name: ResultsTable.from_frame(df) for name, df in tables.items()},
+    )
     ctx.run.write_summary(summary, tables)
     if rows:
         task.plots(rows)
