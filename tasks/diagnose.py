@@ -103,6 +103,8 @@ class Diagnose(Task):
         if ctx.model.config.model_type in ("mpt", "bloom"):
             raise UserError("diagnose reads attention through transformers' registry: use a RoPE model")
         n = max(ctx.lengths)
+        if n <= SINK_FROM:
+            raise UserError(f"diagnose reads queries from position {SINK_FROM} on: pass --lengths above {SINK_FROM}")
         # one document: the figures describe a single long read
         self.docs = load_documents(ctx.run_config.dataset, ctx.tokenizer, 1, n, n, ctx.run_config.text_field)
 
@@ -148,6 +150,7 @@ class Diagnose(Task):
         edges, n = r["edges"], self.ctx.l_pre
         marks = [m for m in (n // 2, n, 2 * n, 4 * n, 8 * n) if m <= edges[-1] * 2]
         logit, entropy, sink = {}, {}, {}
+        rows_used = f"on position 0 ({SINK_FROM}..{min(n, max(self.ctx.lengths))})"  # (the queries it averaged)
         for layer, grid in r["max_logit"].items():
             per_head = np.maximum.accumulate(np.array(grid), axis=1)  # max within distance <= bucket end
             for m in marks:
@@ -158,12 +161,12 @@ class Diagnose(Task):
                 if m <= len(ent):
                     entropy[f"layer {layer}", f"pos {m}"] = float(ent[max(0, m - 64) : m].mean())
             if "sink" in r:
-                sink[f"layer {layer}", f"on position 0 ({SINK_FROM}..{n})"] = r["sink"][layer]
+                sink[f"layer {layer}", rows_used] = r["sink"][layer]
         layers = [f"layer {k}" for k in r["max_logit"]]
         return {"doc": r["cell"]["doc"]}, {
             "diagnose_max_logit": method_table(logit, layers, [f"d<={m}" for m in marks], index_name="layer"),
             "diagnose_entropy": method_table(entropy, layers, [f"pos {m}" for m in marks], index_name="layer"),
-            "diagnose_sink": method_table(sink, layers, [f"on position 0 ({SINK_FROM}..{n})"], index_name="layer"),
+            "diagnose_sink": method_table(sink, layers, [rows_used], index_name="layer"),
         }
 
     def plots(self, rows) -> None:

@@ -10,6 +10,7 @@ and sample counts; `--log-samples` keeps its per-sample records in lm-eval-sampl
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from dataclasses import dataclass
@@ -20,6 +21,9 @@ from lminf_eval.harness.intervals import Estimate
 from lminf_eval.harness.task import DOCUMENT_FLAGS, Cell, Task, option, register_task
 
 from .base import method_table, ok_rows, slug
+
+MIN_CONTEXT = 16  # a --max-length below this cannot hold a prompt and an answer
+MAX_GEN_TOKS = 1 << 16  # more generated tokens per answer than any long-context task asks
 
 
 @dataclass
@@ -54,6 +58,15 @@ class Harness(Task):
         self.task_names = [t for t in self.options.tasks.replace(",", " ").split() if t]
         if not self.task_names:
             raise UserError("--tasks is required: name lm-eval tasks or groups, e.g. --tasks niah_single_1")
+        twice = sorted({t for t in self.task_names if self.task_names.count(t) > 1})
+        if twice:
+            raise UserError(f"--tasks lists {twice[0]} twice: list each task once")
+        if 0 < self.options.max_length < MIN_CONTEXT:
+            raise UserError(
+                f"--max-length {self.options.max_length} leaves no room for a prompt: use 0 or >= {MIN_CONTEXT}"
+            )
+        if self.options.max_gen_toks > MAX_GEN_TOKS:
+            raise UserError(f"--max-gen-toks must be at most {MAX_GEN_TOKS}, got {self.options.max_gen_toks}")
         if self.options.include_path and not Path(self.options.include_path).is_dir():
             raise UserError(f"--include-path {self.options.include_path} is not a folder of task YAMLs")
         index = TaskManager(include_path=self.options.include_path).task_index
@@ -65,6 +78,16 @@ class Harness(Task):
         if "babilong" in self.styles.values() and any(n % 1024 for n in self.ctx.lengths):
             raise UserError("BABILong comes in lengths of whole k (0k, 1k, 2k, 4k, ... 128k): pass --lengths 4k,8k")
         self.managers: dict = {}  # max_seq_lengths -> lm-eval TaskManager (made by the first cell that needs it)
+
+    def data_digest(self) -> str | None:
+        """The local task folder by content (its YAMLs and data files): an edited task is another run."""
+        if not self.options.include_path:
+            return None
+        digest = hashlib.sha256()
+        root = Path(self.options.include_path)
+        for file in sorted(f for f in root.rglob("*") if f.is_file()):
+            digest.update(str(file.relative_to(root)).encode() + b"\0" + file.read_bytes())
+        return digest.hexdigest()[:16]
 
     def cells(self) -> list[Cell]:
         """(method, task), and the length too for a task whose samples are made per length (RULER): one
@@ -101,20 +124,24 @@ class Harness(Task):
             device=str(ctx.device),
             max_length=context_limit(cell.method, ctx.l_pre, options.max_length or None),
         )
-        out = simple_evaluate(
-            model=lm,
-            tasks=[cell.key["task"]],
-            num_fewshot=None if options.num_fewshot < 0 else options.num_fewshot,
-            limit=options.limit or None,
-            gen_kwargs={"max_gen_toks": options.max_gen_toks} if options.max_gen_toks else None,
-            log_samples=options.log_samples,
-            bootstrap_iters=1000,
-            task_manager=self.managers[str(asked)],
-            random_seed=ctx.run_config.seed,
-            numpy_random_seed=ctx.run_config.seed,
-            torch_random_seed=ctx.run_config.seed,
-            fewshot_random_seed=ctx.run_config.seed,
-        )
+        try:
+            out = simple_evaluate(
+                model=lm,
+                tasks=[cell.key["task"]],
+                num_fewshot=None if options.num_fewshot < 0 else options.num_fewshot,
+                limit=options.limit or None,
+                gen_kwargs={"max_gen_toks": options.max_gen_toks} if options.max_gen_toks else None,
+                log_samples=options.log_samples,
+                bootstrap_iters=1000,
+                task_manager=self.managers[str(asked)],
+                random_seed=ctx.run_config.seed,
+                numpy_random_seed=ctx.run_config.seed,
+                torch_random_seed=ctx.run_config.seed,
+                fewshot_random_seed=ctx.run_config.seed,
+            )
+        except FileNotFoundError as err:  # (a local task's data file)
+            missing = err.filename or str(err).splitlines()[0][:200]
+            raise UserError(f"lm-eval task {cell.key['task']}: missing data ({missing}): fix its data_files") from None
         if options.log_samples:
             folder = ctx.run.path / "lm-eval-samples"
             folder.mkdir(exist_ok=True)

@@ -26,15 +26,19 @@ def tiny(tmp_path_factory):
 
 
 def run(tiny, *args, out: Path | None = None):
-    base = ["--model", tiny.model, "--n-global", "4"] + (["--dataset", tiny.data] if args[0] != "passkey" else [])
+    base = ["--model", tiny.model]
+    base += ["--n-global", "4"] if args[0] != "diagnose" else []  # (diagnose studies the unmodified model)
+    base += ["--dataset", tiny.data] if args[0] in ("ppl", "generate", "stream", "diagnose") else []
     if out is not None:
         base += ["--output-dir", out]
     return runner.invoke(app, [str(a) for a in (*args, *base)])
 
 
-def one_line(res, expected: str) -> None:
+def one_line(res, expected: str, mid_run: bool = False) -> None:
+    """Exit 2 with one error line (after the progress bar's line when the error comes from a cell)."""
     lines = res.stderr.strip().splitlines()
-    assert res.exit_code == 2, res.output
+    assert res.exit_code == 2 and "Traceback" not in res.output, res.output
+    lines = lines[-1:] if mid_run else lines
     assert len(lines) == 1 and lines[0].startswith("lminf-eval: error:") and expected in lines[0], res.stderr
 
 
@@ -190,4 +194,57 @@ def test_an_edited_haystack_is_another_run(tiny, tmp_path):
     assert run(tiny, *args, out=tmp_path / "out").exit_code == 0
     (tmp_path / "out" / "results.json").unlink()
     hay.write_text("The mountain stands by the lake. " * 400)
+    one_line(run(tiny, *args, "--resume", out=tmp_path / "out"), "documents")
+
+
+# --- diagnose and lm-eval ------------------------------------------------------------------------------
+
+
+def test_diagnose_refuses_lengths_it_cannot_measure(tiny, tmp_path):
+    one_line(run(tiny, "diagnose", "--lengths", "4", out=tmp_path / "out"), "--lengths above 64")
+
+
+@pytest.fixture(scope="module")
+def local_task(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("lm_eval_local")
+    data = root / "rows.jsonl"
+    rows = [{"prompt": "the river runs", "choices": [" river", " lamp"], "label": i % 2} for i in range(2)]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    for name, file in (("tiny_mc", data), ("lost_mc", root / "no-such-rows.jsonl")):
+        (root / f"{name}.yaml").write_text(
+            f"task: {name}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {file}\ntest_split: test\n"
+            'output_type: multiple_choice\ndoc_to_text: "{{prompt}}"\ndoc_to_choice: "{{choices}}"\n'
+            "doc_to_target: label\nmetric_list:\n  - metric: acc\n"
+        )
+    return root
+
+
+@pytest.mark.parametrize(
+    "extra, expected",
+    [
+        (("--tasks", "tiny_mc,tiny_mc"), "twice"),
+        (("--tasks", "tiny_mc", "--max-length", "2"), "--max-length"),
+        (("--tasks", "tiny_mc", "--max-gen-toks", "100000000"), "--max-gen-toks"),
+        (("--tasks", "lost_mc"), "no-such-rows.jsonl"),
+    ],
+)
+def test_lm_eval_bad_values_are_one_line(tiny, tmp_path, local_task, monkeypatch, extra, expected):
+    pytest.importorskip("lm_eval")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    args = ("lm-eval", "--method", "vanilla", "--include-path", local_task, *extra)
+    one_line(run(tiny, *args, out=tmp_path / "out"), expected, mid_run="lost" in extra[1])
+
+
+def test_an_edited_local_lm_eval_task_is_another_run(tiny, tmp_path, local_task, monkeypatch):
+    pytest.importorskip("lm_eval")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    task_dir = tmp_path / "tasks"
+    task_dir.mkdir()
+    for file in local_task.iterdir():
+        text = file.read_text().replace(str(local_task), str(task_dir))
+        (task_dir / file.name).write_text(text)
+    args = ("lm-eval", "--method", "vanilla", "--include-path", task_dir, "--tasks", "tiny_mc")
+    assert run(tiny, *args, out=tmp_path / "out").exit_code == 0
+    (tmp_path / "out" / "results.json").unlink()
+    (task_dir / "rows.jsonl").write_text((task_dir / "rows.jsonl").read_text().replace("river runs", "lamp glows"))
     one_line(run(tiny, *args, "--resume", out=tmp_path / "out"), "documents")
