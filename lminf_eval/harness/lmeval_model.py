@@ -3,10 +3,10 @@
 An `HFLM` (lm-eval's own HuggingFace wrapper, so batching, loglikelihood, rolling loglikelihood and
 generate_until are lm-eval's code) around a model loaded by `load_model` and patched with a method, e.g.
 
-    lm-eval-lminf --model lminf --model_args pretrained=smollm2-135m,method=lm-infinite,n_global=10 ...
+    lm-eval-lminf run --model lminf --model_args pretrained=smollm2-135m,method=lm-infinite,n_global=10 ...
 
-(`lm-eval-lminf` is lm-eval's own command line with this type registered: lm-eval 0.4.13 finds model types
-only in its own package, so its plain `lm_eval` command needs `import lminf_eval.harness.lmeval_model`
+(`lm-eval-lminf`, in `lmeval_cli`, is lm-eval's own command line with this type registered: lm-eval 0.4.13
+finds model types only in its own package, so its plain `lm_eval` command needs `import lminf_eval.harness.lmeval_model`
 first; from Python, `simple_evaluate(model="lminf", model_args=...)` after that import.) `lminf-eval lm-eval`
 runs several methods through this class on one model load. lm-eval is an optional extra:
 `pip install 'lminf-eval[lm-eval]'`.
@@ -82,10 +82,3 @@ def context_limit(method: Method, l_pre: int, asked: int | None) -> int:
     """lm-eval's max_length for `method`: `truncate` keeps the last L_pre tokens (context and answer), the
     others what the user asked for, else everything."""
     return l_pre if method.name == "truncate" else asked or UNCUT
-
-
-def cli() -> None:
-    """lm-eval's own command line (`lm_eval ...`), with the `lminf` model type registered."""
-    from lm_eval.__main__ import cli_evaluate
-
-    cli_evaluate()

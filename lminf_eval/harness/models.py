@@ -113,6 +113,27 @@ def load_gguf(path: Path, name: str, dtype: torch.dtype):
     return model, tokenizer
 
 
+def tokenizer_dir(name: str) -> str:
+    """What `AutoTokenizer.from_pretrained` reads for a --model value (tasks that size their inputs with the
+    model's tokenizer, as RULER does, need one): a directory or hub id as it is; a GGUF's tokenizer saved once
+    into the user cache, keyed on the file's content."""
+    kind, source = model_source(name)
+    if kind in ("local", "hub"):
+        return source
+    path = gguf_in_package(source) if kind == "gguf-package" else Path(source)
+    folder = cache_dir() / "tokenizers" / f"{path.stem}-{gguf_digest(path)}"
+    if not (folder / "tokenizer_config.json").exists():
+        from transformers import AutoTokenizer
+
+        tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
+        AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name).save_pretrained(tmp)
+        try:
+            tmp.rename(folder)
+        except OSError:  # another process saved it first
+            pass
+    return str(folder)
+
+
 def weights_digest(model) -> str:
     """A model's identity for resume checks: its config and a strided sample of every weight, hashed (cheap,
     and different for any retrained or replaced checkpoint)."""
