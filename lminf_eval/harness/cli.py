@@ -54,7 +54,12 @@ def run_task(task_type: type[Task], ctx: typer.Context, flags: dict[str, Any]) -
 
     quiet_libraries()
     try:
-        execute(task_type, collect(task_type, ctx, flags))
+        run_config = collect(task_type, ctx, flags)
+        answer = task_type.answer(run_config)  # (e.g. lm-eval's `--tasks list`: no model, no run)
+        if answer is not None:
+            typer.echo(answer)
+            return
+        execute(task_type, run_config)
     except UserError as err:
         _fail(str(err))
     except ImportError as err:
@@ -224,6 +229,23 @@ def report(
             output.write_text(text + "\n")
         except OSError as err:
             _fail(f"cannot write {output} ({err.strerror}): pass a file path to --output")
+
+
+@app.command("view")
+def view(
+    runs: list[Path] = typer.Argument(..., help="Results folders (each holding results.json), or a profile folder."),
+    output: Path = typer.Option(
+        None, "--output", help="The HTML file (default: view.html in the folder given, or in the folders' parent)."
+    ),
+):
+    """One self-contained HTML page (opens offline): provenance, sortable tables, plots and samples of the runs."""
+    from .view import write_page
+
+    try:
+        path = write_page(runs, output)
+    except UserError as err:
+        _fail(str(err))
+    typer.echo(f"view: {path} ({path.stat().st_size / 1e6:.1f} MB)")
 
 
 @app.command("methods")
