@@ -14,6 +14,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from lminf_eval.harness import view
 from lminf_eval.harness.cli import app
 from lminf_eval.harness.models import load_model
 from lminf_eval.methods import applied, parse_method
@@ -133,6 +134,15 @@ def test_ruler_niah_runs_offline_once_per_length(tmp_path):
         assert r["lm_eval"]["n-samples"]["niah_single_1"]["effective"] == 1  # --limit counts per length
         sample = lm_eval_samples(tmp_path, r["cell"]["method"], f"niah_single_1__{n}")[0]
         assert n // 2 < len(tok(requests(sample)[0][0]).input_ids) <= n  # sized with the model's tokenizer
+    # `lminf-eval view` browses these samples (scored under their length) and draws a method x length heatmap
+    run = view.load(tmp_path)
+    browsed = view.samples(run)  # (--limit 1: one sample per cell)
+    assert sorted((s.method, s.length) for s in browsed) == sorted(
+        (r["cell"]["method"], r["cell"]["length"]) for r in rows
+    )
+    assert all(s.score.startswith(f"{s.length} ") and s.correct is not None for s in browsed)
+    spec = view.heatmap(run.results.tables["niah_single_1"], "niah_single_1")
+    assert spec["data"][0]["x"] == ["512", "1024"] and spec["data"][0]["y"] == ["vanilla", "truncate"]
 
 
 def test_lm_eval_command_line_with_the_lminf_model_type(task_dir, tmp_path):

@@ -320,6 +320,8 @@ def passkey_figure(run: Run) -> dict | None:
             row=i // cols + 1,
             col=i % cols + 1,
         )
+    grid.update_xaxes(type="category", title_text="length")
+    grid.update_yaxes(type="category", title_text="depth")
     layout = json.loads(grid.layout.to_json())
     layout.pop("template", None)
     layout.update(
@@ -339,12 +341,15 @@ def heatmap(table: Table, title: str) -> dict | None:
     if not at:
         return None
     z = [[_r(row[j]) if isinstance(row[j], (int, float)) else None for j in at] for row in table.data]
+    top = max((v for row in z for v in row if v is not None), default=1)
     trace = {
         "type": "heatmap",
         "x": [table.columns[j] for j in at],
         "y": table.index,
         "z": z,
         "colorscale": "Viridis",
+        "zmin": 0,
+        "zmax": 1 if top <= 1 else 100 if top <= 100 else top,  # (lm-eval scores: shares, or percentages)
         "hovertemplate": "%{y}<br>length %{x}<br>%{z:.3g}<extra></extra>",
     }
     layout = {
@@ -388,6 +393,7 @@ def timing_figure(run: Run) -> dict | None:
                 col=j + 1,
             )
         grid.update_xaxes(title_text="context (tokens)", row=1, col=j + 1)
+        grid.update_yaxes(rangemode="tozero", row=1, col=j + 1)
     layout = json.loads(grid.layout.to_json())
     layout.pop("template", None)
     layout["title"] = {"text": "Speed and memory against context"}
@@ -406,7 +412,7 @@ def stream_figure(run: Run) -> dict | None:
     for r in rows:
         label, step = r["cell"]["method"], r["window_tokens"]
         y = np.array([np.nan if v is None else v for v in r["window_nll"]], dtype=float)
-        x, values = binned(y, MAX_POINTS)
+        x, values = binned(y, MAX_POINTS, first=0)
         x = [_r(step * (v + 0.5)) for v in x]  # (window i covers tokens i*step .. (i+1)*step)
         style = {"legendgroup": label, "line": {"color": colors.get(label)}, "mode": "lines", "type": "scatter"}
         grid.add_trace(
@@ -438,6 +444,7 @@ def stream_figure(run: Run) -> dict | None:
         )
     for j in (1, 2):
         grid.update_xaxes(title_text="tokens into the stream", row=1, col=j)
+    grid.update_yaxes(rangemode="tozero", row=1, col=2)
     layout = json.loads(grid.layout.to_json())
     layout.pop("template", None)
     layout["title"] = {"text": "The stream: NLL and memory against tokens"}
@@ -471,7 +478,9 @@ def samples(run: Run) -> list[Sample]:
 
 def passkey_samples(run: Run) -> list[Sample]:
     """Each prompt (length, depth, sample) with its expected value(s), then each method's answer to it."""
+    order = {label: i for i, label in enumerate(run.labels)}
     rows = [r for r in run.rows if "answer" in r and "correct" in r]
+    rows.sort(key=lambda r: (r["cell"]["length"], r["depth_used"], r["cell"]["sample"], order[r["cell"]["method"]]))
     variants = {r["cell"].get("variant", "single") for r in rows}  # (folders before --variants: single only)
     out = []
     for r in rows:
@@ -482,8 +491,7 @@ def passkey_samples(run: Run) -> list[Sample]:
         score = f"recall {r['recall']:.0%}" if several else ""
         expected = ", ".join(key) if several else str(key)
         out.append(Sample(passkey_label(c, variants), c["length"], prompt, expected, r["answer"], r["correct"], score))
-    order = {label: i for i, label in enumerate(run.labels)}
-    return sorted(out, key=lambda s: (s.length, s.prompt, order.get(s.method.split(" [")[0], 0)))
+    return out
 
 
 def generate_samples(run: Run) -> list[Sample]:
@@ -518,19 +526,20 @@ def lm_eval_samples(run: Run) -> list[Sample]:
             target = record["target"]
             expected = ", ".join(map(str, target)) if isinstance(target, list) else str(target)
             answer = record["filtered_resps"][0] if record["filtered_resps"] else ""
-            question = str(record["arguments"][0][0])[-TEXT_CHARS // 2 :]
+            question = str(record["arguments"][0][0])[-TEXT_CHARS // 4 :]
             out.append(
                 Sample(
                     by_slug.get(method, method),
                     length,
-                    f"{task} #{record['doc_id']} · …{question}",
+                    f"{task} #{record['doc_id']}: …{question}",
                     expected[:TEXT_CHARS],
                     str(answer)[:TEXT_CHARS],
                     None if score is None else score >= 1,
                     "" if score is None else f"{names[0]} {format_number(score)}",
                 )
             )
-    return out
+    order = {label: i for i, label in enumerate(run.labels)}
+    return sorted(out, key=lambda s: (s.length, s.prompt, order.get(s.method, len(order))))
 
 
 # --- HTML ---------------------------------------------------------------------------------------------
@@ -727,7 +736,8 @@ table.methods td,table.methods th,table.index th,table.index td{text-align:left}
 table.sortable thead th{cursor:pointer;background:#eef;user-select:none}
 th.asc::after{content:" ▲"}th.desc::after{content:" ▼"}
 .plot{background:#fff;border:1px solid #dde;margin:8px 0}
-.samples td{text-align:left}.samples td.text{white-space:pre-wrap;max-width:420px;font-family:monospace;font-size:12px}
+.samples td,.samples th{text-align:left}
+.samples td.text{white-space:pre-wrap;max-width:420px;font-family:monospace;font-size:12px}
 .samples td.text{max-height:8em;overflow:auto}.mark.yes{color:#070}.mark.no{color:#b00}
 .filters{margin:6px 0}.filters label{margin-right:14px}.note{color:#666}pre{font-size:12px;background:#fff}
 """
