@@ -28,14 +28,20 @@ MAX_GEN_TOKS = 1 << 16  # more generated tokens per answer than any long-context
 
 @dataclass
 class HarnessOptions:
-    tasks: str = option("", "lm-eval tasks, groups or tags, comma-separated (e.g. niah_single_1,ruler_vt or ruler).")
+    tasks: str = option(
+        "", "lm-eval tasks, groups or tags, comma-separated (e.g. niah_single_1,ruler_vt or ruler); list: every one."
+    )
     limit: int = option(0, "Samples per task (and per length for RULER-style tasks; 0: all).", min=0)
     num_fewshot: int = option(-1, "Few-shot examples (-1: each task's own default).", min=-1)
-    batch_size: int = option(1, "lm-eval batch size.", min=1)
+    batch_size: int = option(1, "Requests per forward (lm-eval pads them; padded keys are masked).", min=1)
     max_gen_toks: int = option(0, "Cap on generated tokens per answer (0: each task's own).", min=0)
     max_length: int = option(
         0, "Cut longer contexts from the left, as lm-eval does (0: never; the truncate method: L_pre).", min=0
     )
+    gen_kwargs: str | None = option(
+        None, "Generation arguments for every task, as lm-eval takes them: do_sample=true,temperature=0.7."
+    )
+    apply_chat_template: bool = option(False, "Prompts through the tokenizer's chat template (few-shot as turns).")
     include_path: str | None = option(None, "Folder of extra lm-eval task YAMLs (local tasks).")
     log_samples: bool = option(False, "Keep lm-eval's per-sample records in lm-eval-samples/.")
 
@@ -48,11 +54,18 @@ class Harness(Task):
     default_lengths = "1x"
     ignores = DOCUMENT_FLAGS  # (each lm-eval task brings its own data)
 
+    @classmethod
+    def answer(cls, run_config) -> str | None:
+        """`--tasks list`: every task, group and tag lm-eval knows (with --include-path's), without a model."""
+        if run_config.options.tasks.strip() != "list":
+            return None
+        _require_lm_eval()
+        from lm_eval.tasks import TaskManager
+
+        return TaskManager(include_path=run_config.options.include_path).list_all_tasks()
+
     def prepare(self) -> None:
-        try:
-            import lm_eval  # noqa: F401
-        except ImportError:
-            raise UserError(INSTALL_LM_EVAL) from None
+        _require_lm_eval()
         from lm_eval.tasks import TaskManager
 
         self.task_names = [t for t in self.options.tasks.replace(",", " ").split() if t]
@@ -78,6 +91,13 @@ class Harness(Task):
         if "babilong" in self.styles.values() and any(n % 1024 for n in self.ctx.lengths):
             raise UserError("BABILong comes in lengths of whole k (0k, 1k, 2k, 4k, ... 128k): pass --lengths 4k,8k")
         self.managers: dict = {}  # max_seq_lengths -> lm-eval TaskManager (made by the first cell that needs it)
+        self.gen_kwargs = _gen_kwargs(self.options.gen_kwargs)
+        if self.options.max_gen_toks:
+            self.gen_kwargs["max_gen_toks"] = self.options.max_gen_toks
+        if self.options.apply_chat_template and not getattr(self.ctx.tokenizer, "chat_template", None):
+            raise UserError(
+                f"--apply-chat-template: {self.ctx.run_config.model}'s tokenizer has no chat template: leave it off"
+            )
 
     def data_digest(self) -> str | None:
         """The local task folder by content (its YAMLs and data files): an edited task is another run."""
@@ -130,7 +150,9 @@ class Harness(Task):
                 tasks=[cell.key["task"]],
                 num_fewshot=None if options.num_fewshot < 0 else options.num_fewshot,
                 limit=options.limit or None,
-                gen_kwargs={"max_gen_toks": options.max_gen_toks} if options.max_gen_toks else None,
+                gen_kwargs=self.gen_kwargs or None,
+                apply_chat_template=options.apply_chat_template,
+                fewshot_as_multiturn=options.apply_chat_template,
                 log_samples=options.log_samples,
                 bootstrap_iters=1000,
                 task_manager=self.managers[str(asked)],
@@ -180,6 +202,26 @@ def _with_stderr(name: str, value: float, metrics: dict) -> float:
     if isinstance(stderr, (int, float)) and not isinstance(stderr, bool) and math.isfinite(stderr):
         return Estimate(value, stderr=float(stderr))
     return value
+
+
+def _require_lm_eval() -> None:
+    try:
+        import lm_eval  # noqa: F401
+    except ImportError:
+        raise UserError(INSTALL_LM_EVAL) from None
+
+
+def _gen_kwargs(text: str | None) -> dict:
+    """`--gen-kwargs do_sample=true,temperature=0.7` as lm-eval reads it (values: numbers, true/false, text)."""
+    from lm_eval.utils import handle_arg_string
+
+    out = {}
+    for part in filter(None, (text or "").split(",")):
+        key, eq, value = part.partition("=")
+        if not eq or not key.strip():
+            raise UserError(f"--gen-kwargs takes key=value pairs (do_sample=true,temperature=0.7), got {part!r}")
+        out[key.strip()] = handle_arg_string(value.strip())
+    return out
 
 
 def _length_style(index: dict, name: str) -> str | None:

@@ -377,6 +377,8 @@ BAD_INPUTS = {
     "lm-eval without tasks": (["lm-eval"], "--tasks is required"),
     "unknown lm-eval task": (["lm-eval", "--tasks", "no_such_task"], "unknown lm-eval task no_such_task"),
     "lm-eval include path": (["lm-eval", "--tasks", "x", "--include-path", "/no/such/dir"], "--include-path"),
+    "lm-eval gen kwargs": (["lm-eval", "--tasks", "niah_single_1", "--gen-kwargs", "top_p"], "key=value pairs"),
+    "lm-eval chat template": (["lm-eval", "--tasks", "niah_single_1", "--apply-chat-template"], "no chat template"),
 }
 
 

@@ -54,7 +54,12 @@ def run_task(task_type: type[Task], ctx: typer.Context, flags: dict[str, Any]) -
 
     quiet_libraries()
     try:
-        execute(task_type, collect(task_type, ctx, flags))
+        run_config = collect(task_type, ctx, flags)
+        answer = task_type.answer(run_config)  # (e.g. lm-eval's `--tasks list`: no model, no run)
+        if answer is not None:
+            typer.echo(answer)
+            return
+        execute(task_type, run_config)
     except UserError as err:
         _fail(str(err))
     except ImportError as err:

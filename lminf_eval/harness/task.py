@@ -90,8 +90,29 @@ class Task:
     def labels(self) -> list[str]:
         return [m.label for m in self.ctx.methods]
 
+    @classmethod
+    def answer(cls, run_config: RunConfig) -> str | None:
+        """Text that answers the flags without a model or a run (lm-eval's `--tasks list`); None: run."""
+        return None
+
     def prepare(self) -> None:
         """Load data, validate options; called once before cells are listed."""
+
+    def documents(self, num_docs: int | None, min_tokens: int, max_tokens: int) -> list[Document]:
+        """The run's documents (--dataset, --text-field, --split): the first `num_docs` (None: all) of at least
+        `min_tokens` tokens, cut to `max_tokens`; fewer than asked is a one-line error."""
+        from .data import load_documents
+
+        run_config = self.ctx.run_config
+        return load_documents(
+            run_config.dataset,
+            self.ctx.tokenizer,
+            num_docs,
+            min_tokens,
+            max_tokens,
+            run_config.text_field,
+            run_config.split,
+        )
 
     def data_digest(self) -> str | None:
         """A hash of the data the cells read, so a resumed run can check it reads the same: by default the
