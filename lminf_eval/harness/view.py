@@ -42,7 +42,9 @@ class Run:
 
     @property
     def labels(self) -> list[str]:
-        return [m.label for m in self.results.resolved.methods]
+        """The methods in run order (folders written before `resolved` was kept: in the order their cells ran)."""
+        resolved = [m.label for m in self.results.resolved.methods]
+        return list(dict.fromkeys([*resolved, *(r["cell"]["method"] for r in self.rows)]))
 
 
 def result_folders(paths: list[Path]) -> list[Path]:
@@ -67,7 +69,7 @@ def load(path: Path) -> Run:
     """A results folder through the same typed schema as `report`; a folder that is not one is a UserError."""
     results = load_run(path)
     folder = path if path.is_dir() else path.parent
-    rows = [r for r in RunDir(folder).read_samples() if r.get("status") == "ok"]
+    rows = [r for r in RunDir(folder).read_samples() if r["status"] == "ok"]
     return Run(folder, folder.name, results, rows)
 
 
@@ -120,7 +122,7 @@ def binned(y: np.ndarray, max_points: int, first: int = 1, reduce=np.nanmean) ->
         values = reduce(bins, axis=1)
     counts = np.minimum(width, n - np.arange(len(bins)) * width)
     x = first + np.arange(len(bins)) * width + (counts - 1) / 2
-    return [_r(v) for v in x], _rs(values)
+    return [round(float(v), 1) for v in x], _rs(values)
 
 
 def figure(data: list, layout: dict) -> dict:
@@ -275,6 +277,11 @@ def doc_figure(run: Run) -> dict | None:
     return figure(data, layout)
 
 
+def passkey_variants(rows: list[dict]) -> set[str]:
+    """The needle variants a passkey run swept (folders written before --variants hold single ones only)."""
+    return {r["cell"]["variant"] if "variant" in r["cell"] else "single" for r in rows}
+
+
 def passkey_label(cell: dict, variants: set[str]) -> str:
     """The table's row name of a passkey cell: the method, and the variant when several were swept."""
     return cell["method"] + (f" [{cell['variant']}]" if len(variants) > 1 else "")
@@ -296,7 +303,7 @@ def passkey_figure(run: Run) -> dict | None:
     rows = [r for r in run.rows if "correct" in r]
     if not rows:
         return None
-    variants = {r["cell"].get("variant", "single") for r in rows}  # (folders before --variants: single only)
+    variants = passkey_variants(rows)
     hits: dict[tuple, list[bool]] = {}
     for r in rows:
         key = (passkey_label(r["cell"], variants), depth_of(r), r["cell"]["length"])
@@ -335,7 +342,7 @@ def passkey_figure(run: Run) -> dict | None:
     layout.update(
         title={
             "text": "Passkey accuracy (%) over length x depth"
-            + ("" if run.rows[0]["cell"]["depth"] is not None else " (drawn depths in fifths)")
+            + ("" if rows[0]["cell"]["depth"] is not None else " (drawn depths in fifths)")
         },
         coloraxis={"cmin": 0, "cmax": 100, "colorscale": "Viridis", "colorbar": {"title": {"text": "%"}}},
         height=max(300, 260 * math.ceil(len(labels) / cols)),
@@ -379,7 +386,7 @@ def timing_figure(run: Run) -> dict | None:
     if not names:
         return None
     grid = make_subplots(rows=1, cols=len(names), subplot_titles=list(names.values()))
-    colors = _colors(run.labels)
+    colors = _colors(run.results.tables[next(iter(names))].index)
     for j, key in enumerate(names):
         table = run.results.tables[key]
         x = [int(c) for c in table.columns]
@@ -394,7 +401,7 @@ def timing_figure(run: Run) -> dict | None:
                     "y": _rs(y),
                     "legendgroup": label,
                     "showlegend": j == 0,
-                    "line": {"color": colors.get(label)},
+                    "line": {"color": colors[label]},
                     "hovertemplate": f"{label}<br>context %{{x}}<br>{names[key]} %{{y:.4g}}<extra></extra>",
                 },
                 row=1,
@@ -416,13 +423,13 @@ def stream_figure(run: Run) -> dict | None:
     if not rows:
         return None
     grid = make_subplots(rows=1, cols=2, subplot_titles=["NLL per window", "resident memory (MB)"])
-    colors = _colors(run.labels)
+    colors = _colors([r["cell"]["method"] for r in rows])
     for r in rows:
         label, step = r["cell"]["method"], r["window_tokens"]
         y = np.array([np.nan if v is None else v for v in r["window_nll"]], dtype=float)
         x, values = binned(y, MAX_POINTS, first=0)
-        x = [_r(step * (v + 0.5)) for v in x]  # (window i covers tokens i*step .. (i+1)*step)
-        style = {"legendgroup": label, "line": {"color": colors.get(label)}, "mode": "lines", "type": "scatter"}
+        x = [round(step * (v + 0.5), 1) for v in x]  # (window i covers tokens i*step .. (i+1)*step)
+        style = {"legendgroup": label, "line": {"color": colors[label]}, "mode": "lines", "type": "scatter"}
         grid.add_trace(
             {
                 **style,
@@ -434,10 +441,10 @@ def stream_figure(run: Run) -> dict | None:
             row=1,
             col=1,
         )
-        tokens = np.array([t for t, _ in r["rss_mb"]], dtype=float)
         mem = np.array([m for _, m in r["rss_mb"]], dtype=float)
-        _, peak = binned(mem, MAX_POINTS, reduce=np.nanmax)
-        _, at = binned(tokens, MAX_POINTS, reduce=np.nanmax)
+        _, peak = binned(mem, MAX_POINTS, reduce=np.nanmax)  # (the most each bin of readings held)
+        width = math.ceil(len(mem) / len(peak))
+        at = [r["rss_mb"][min(len(mem), (k + 1) * width) - 1][0] for k in range(len(peak))]  # (its last token)
         grid.add_trace(
             {
                 **style,
@@ -493,7 +500,7 @@ def passkey_samples(run: Run) -> list[Sample]:
     order = {label: i for i, label in enumerate(run.labels)}
     rows = [r for r in run.rows if "answer" in r and "correct" in r]
     rows.sort(key=lambda r: (r["cell"]["length"], r["depth_used"], r["cell"]["sample"], order[r["cell"]["method"]]))
-    variants = {r["cell"].get("variant", "single") for r in rows}  # (folders before --variants: single only)
+    variants = passkey_variants(rows)
     out = []
     for r in rows:
         c, key = r["cell"], r["key"]
@@ -532,7 +539,7 @@ def lm_eval_samples(run: Run) -> list[Sample]:
         length = int(rest[0]) if rest and rest[0].isdigit() else 0
         for line in file.read_text().splitlines():
             record = json.loads(line)
-            names = [m for m in record["metrics"] if isinstance(record.get(m), (int, float))]
+            names = [m for m in record["metrics"] if isinstance(record[m], (int, float))]
             names = [str(length)] if str(length) in names else names
             score = float(record[names[0]]) if names else None
             target = record["target"]
@@ -541,7 +548,7 @@ def lm_eval_samples(run: Run) -> list[Sample]:
             question = str(record["arguments"][0][0])[-TEXT_CHARS // 4 :]
             out.append(
                 Sample(
-                    by_slug.get(method, method),
+                    by_slug[method],
                     length,
                     f"{task} #{record['doc_id']}: …{question}",
                     expected[:TEXT_CHARS],
@@ -551,7 +558,7 @@ def lm_eval_samples(run: Run) -> list[Sample]:
                 )
             )
     order = {label: i for i, label in enumerate(run.labels)}
-    return sorted(out, key=lambda s: (s.length, s.prompt, order.get(s.method, len(order))))
+    return sorted(out, key=lambda s: (s.length, s.prompt, order[s.method]))
 
 
 # --- HTML ---------------------------------------------------------------------------------------------
@@ -565,14 +572,15 @@ class Page:
     def __init__(self):
         self.count = 0
 
-    def plot(self, spec: dict | None, css: str = "plot") -> str:
+    def plot(self, spec: dict | None) -> str:
+        """A figure's div and its spec ("" for no figure)."""
         if spec is None:
             return ""
         self.count += 1
         data = json.dumps(spec, separators=(",", ":")).replace("</", "<\\/")
         pid = f"plot{self.count}"
         spec_tag = f'<script type="application/json" class="spec" data-for="{pid}">{data}</script>'
-        return f'<div class="{css}" id="{pid}"></div>{spec_tag}'
+        return f'<div class="plot" id="{pid}"></div>{spec_tag}'
 
 
 def table_html(name: str, table: Table, caption: str) -> str:
@@ -642,7 +650,7 @@ def _settings(settings: dict | None) -> str:
     return " ".join(f"{k}={v}" for k, v in settings.items()) or "defaults"
 
 
-def browser(run: Run, rows: list[Sample], key: str) -> str:
+def browser(rows: list[Sample], key: str) -> str:
     """The samples table with filters (method, length, correctness) the page's script applies."""
     methods = list(dict.fromkeys(s.method for s in rows))
     lengths = sorted({s.length for s in rows})
@@ -681,7 +689,9 @@ def run_section(page: Page, run: Run, key: str) -> str:
     if docs is not None and len({n for row in docs.data for n in row}) > 1:
         tables["docs"] = docs
     parts.append("<h3>Tables</h3>")
+    parts.append('<div class="tables">')
     parts += [table_html(name, t, f"{res.command}: {name}{source}") for name, t in tables.items()]
+    parts.append("</div>")
     # (by what the folder holds, not by command: older folders ran the stream as `ppl`)
     plots = [page.plot(f(run)) for f in (nll_figure, passkey_figure, timing_figure, stream_figure)]
     if res.command == "lm-eval":
@@ -694,7 +704,7 @@ def run_section(page: Page, run: Run, key: str) -> str:
         parts += ["<h3>Samples: per-document NLL</h3>", curves]
     rows = samples(run)
     if rows:
-        parts += [f"<h3>Samples ({len(rows)})</h3>", browser(run, rows, key)]
+        parts += [f"<h3>Samples ({len(rows)})</h3>", browser(rows, key)]
     elif res.command == "lm-eval":
         parts.append("<p class='note'>No per-sample records: run with --log-samples to browse lm-eval's samples.</p>")
     parts.append("</section>")
@@ -747,6 +757,7 @@ th,td{border:1px solid #dde;padding:3px 8px;text-align:right;vertical-align:top}
 table.methods td,table.methods th,table.index th,table.index td{text-align:left}
 table.sortable thead th{cursor:pointer;background:#eef;user-select:none}
 th.asc::after{content:" ▲"}th.desc::after{content:" ▼"}
+.tables{display:flex;flex-wrap:wrap;gap:0 28px;align-items:flex-start}
 .plot{background:#fff;border:1px solid #dde;margin:8px 0}
 .samples td,.samples th{text-align:left}
 .samples td.text{white-space:pre-wrap;max-width:420px;font-family:monospace;font-size:12px}
