@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, fields
 
 from .errors import LMInfiniteError
 
-BACKENDS = ("auto", "blocks", "blocks-masked", "plain", "flex")
+BACKENDS = ("auto", "blocks", "blocks-masked", "plain", "flex", "flash-window")
 # where a visible pair at or past the ceiling L is scored (rules in attention/plan.py `far_positions`)
 FAR_DISTANCES = ("ceiling", "cache", "grouped", "leaky")
 # transformers' rope_parameters types we set (none: the model's own)
@@ -125,8 +125,9 @@ HELP = {
     "top_k": "Top-k middle tokens for the last query row (paper: 5 for passkey; 0: off).",
     "top_k_from_layer": "First layer (0-based) using top-k middle tokens.",
     "top_k_distance": "Distance the top-k middle tokens are scored at.",
-    "backend": "Attention kernel: auto (flex on CUDA, blocks elsewhere), blocks (fused per query block), "
-    "blocks-masked (the same without band calls), plain (blocks in plain fp32 math), flex (FlexAttention).",
+    "backend": "Attention kernel: auto (flash-window on CUDA where it applies, else flex there, blocks elsewhere), "
+    "blocks (fused per query block), blocks-masked (the same without band calls), plain (blocks in plain fp32 "
+    "math), flex (FlexAttention), flash-window (sliding-window flash call + far branch; contiguous inputs, w <= L).",
     "far_distance": "Where a visible pair at or past the ceiling is scored: ceiling (at L: LM-Infinite, ReRoPE), "
     "cache (its index distance inside the kept cache; the ceiling is then the window: StreamingLLM), "
     "grouped (Self-Extend's grouped positions), "

@@ -2,27 +2,52 @@
 
 Every backend computes the same function (docs/method.md) and reads the rules from `plan.py`:
 `blocks` (fused attention calls per query block; `blocks-masked` without the band calls, `plain` in plain fp32
-math) and `flex` (FlexAttention, compiled on CUDA). `auto` takes flex on CUDA and blocks elsewhere.
+math), `flex` (FlexAttention, compiled on CUDA) and `flash-window` (PyTorch's sliding-window flash kernel plus a
+small far branch, for contiguous plans with w <= L; a reference window branch off CUDA). `auto` takes
+flash-window on CUDA for RoPE in fp16/bf16 where the plan allows, else flex there, and blocks elsewhere. Which
+path ran, and why a backend fell back, is counted (`paths_run`), for results.json and the benchmarks.
 """
 
 from __future__ import annotations
 
 import math
+from collections import Counter
 
 import torch
 
 from ..settings import Settings
-from . import blocks, flex
+from . import blocks, flash_window, flex
 from .blocks import _attend, _raw_scores
 from .plan import Plan, alibi_bias, far_positions, is_far, log_scale, visible
 from .positions import Alibi, Rope
 
 
-def backend_for(settings: Settings, device: torch.device) -> str:
-    """The backend that runs: `auto` resolved for the device."""
-    if settings.backend == "auto":
-        return "flex" if device.type == "cuda" else "blocks"
-    return settings.backend
+def backend_for(settings: Settings, device: torch.device, dtype: torch.dtype | None = None, position=None) -> str:
+    """The backend asked for: `auto` resolved for the device (and, when given, the dtype and position encoding).
+    A backend may still fall back for a given plan (`lambda_attention` records which path ran)."""
+    if settings.backend != "auto":
+        return settings.backend
+    if device.type != "cuda":
+        return "blocks"
+    flash = dtype in flash_window.HALF and not isinstance(position, Alibi) and flash_window.kernel_available()
+    return flash_window.NAME if flash else "flex"
+
+
+# how often each attention path ran in this process: backend name, or "fallback (backend: reason)"
+PATHS: Counter = Counter()
+
+
+def paths_run(reset: bool = False) -> dict[str, int]:
+    """Calls per attention path since the last reset (one per layer per forward)."""
+    found = dict(PATHS)
+    if reset:
+        PATHS.clear()
+    return found
+
+
+def _ran(path: str) -> None:
+    if not torch.compiler.is_compiling():  # (a compiled graph replays no Python side effect)
+        PATHS[path] += 1
 
 
 def lambda_attention(
@@ -36,10 +61,22 @@ def lambda_attention(
     layer_idx: int = 0,
 ) -> torch.Tensor:
     """query [b, hq, Q, d], key/value [b, hk, K, d] -> output [b, hq, Q, dv] in query's dtype."""
-    backend = backend_for(settings, query.device)
+    backend = backend_for(settings, query.device, query.dtype, position)
     if settings.log_scale_base:
         query = query * log_scale(plan.q_idx, settings.log_scale_base).to(query.dtype)[:, None, :, None]
-    if backend == "flex":
+    path = backend
+    if backend == flash_window.NAME:
+        why = flash_window.unsupported(plan, settings, position)
+        if why is None:
+            where = "CUDA flash" if flash_window.uses_flash(query) else "reference window"
+            path = f"{backend} ({where})"
+        else:
+            backend = "flex" if query.device.type == "cuda" else "blocks"
+            path = f"{backend} (flash-window: {why})"
+    _ran(path)
+    if backend == flash_window.NAME:
+        out = flash_window.flash_window_attention(query, key, value, plan, settings, position, scaling)
+    elif backend == "flex":
         out = flex.flex_attention_lambda(query, key, value, plan, settings, position, scaling)
     else:
         fused, use_band = backend != "plain", backend != "blocks-masked"
