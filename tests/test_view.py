@@ -257,10 +257,15 @@ window.addEventListener('load',function(){setTimeout(function(){
     var shown=rows.filter(function(r){return r.style.display!=='none';});
     filters.push({method:s.value,shown:shown.length,rows:rows.length,text:box.querySelector('.shown').textContent,
       others:shown.filter(function(r){return r.dataset.method!==s.value;}).length});});
+  var table=document.querySelector('table[data-table=ppl]'),heads=table.querySelectorAll('thead th');
+  var col=heads.length-1,column=function(){return Array.prototype.map.call(table.tBodies[0].rows,
+    function(r){return +r.cells[col].dataset.v;});};
+  heads[col].click();var up=column();heads[col].click();var down=column();  // (the overall perplexity)
   var remote=performance.getEntriesByType('resource').map(function(r){return r.name;})
     .filter(function(n){return n.indexOf('file:')!==0&&n.indexOf('data:')!==0;});
   var out=document.createElement('pre');out.id='view-check';
-  out.textContent=JSON.stringify({errors:__errors,plots:plots.length,drawn:drawn,filters:filters,remote:remote});
+  out.textContent=JSON.stringify({errors:__errors,plots:plots.length,drawn:drawn,filters:filters,remote:remote,
+    up:up,down:down});
   document.body.appendChild(out);},200);});
 </script>"""
 
@@ -293,6 +298,8 @@ def test_page_in_headless_chromium(runs, tmp_path):
     check = json.loads(dom[start + 21 : dom.index("</pre>", start)].replace("&quot;", '"').replace("&amp;", "&"))
     assert check["errors"] == [] and check["remote"] == []
     assert check["plots"] == check["drawn"] > 0  # every plot drawn as an SVG
+    up, down = check["up"], check["down"]  # a click sorts a column up, the next one down
+    assert len(up) == 2 and up == sorted(up) and down == up[::-1] and up[0] < up[1]
     assert len(check["filters"]) == 2  # passkey and generate browsers
     for f in check["filters"]:  # filtering by the first method shows its rows only
         assert 0 < f["shown"] < f["rows"] and f["others"] == 0 and f["text"] == f"{f['shown']} of {f['rows']} shown"
