@@ -78,7 +78,8 @@ def default_output(paths: list[Path]) -> Path:
     if len(paths) == 1 and paths[0].is_dir():
         return paths[0] / PAGE_NAME
     folders = [p if p.is_dir() else p.parent for p in paths]
-    return Path(os.path.commonpath([str(p.resolve()) for p in folders])) / PAGE_NAME
+    common = Path(os.path.commonpath([str(p.resolve()) for p in folders]))
+    return (common.relative_to(Path.cwd()) if common.is_relative_to(Path.cwd()) else common) / PAGE_NAME
 
 
 def write_page(paths: list[Path], output: Path | None = None) -> Path:
