@@ -233,7 +233,9 @@ def report(
 
 @app.command("view")
 def view(
-    runs: list[Path] = typer.Argument(..., help="Results folders (each holding results.json), or a profile folder."),
+    runs: list[Path] = typer.Argument(
+        ..., help="Results folders (each holding results.json), or a profile folder.", metavar="RUN_DIR"
+    ),
     output: Path = typer.Option(
         None, "--output", help="The HTML file (default: view.html in the folder given, or in the folders' parent)."
     ),
