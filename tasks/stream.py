@@ -8,6 +8,8 @@ import hashlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import psutil
+
 from lminf_eval.errors import UserError
 from lminf_eval.harness.data import load_documents
 from lminf_eval.harness.task import Cell, Task, option, register_task
@@ -92,14 +94,19 @@ class Stream(Task):
                 raise UserError(
                     f"stream needs a bounded method ({', '.join(bounded_methods(ctx.l_pre))}), not {m.label!r}"
                 )
+        n = self.options.stream_tokens
+        need, free = 8 * n, psutil.virtual_memory().available  # (the token ids alone, int64)
+        if need > free // 2:
+            raise UserError(
+                f"--stream-tokens {n} needs {need / 2**30:.1f} GiB for its token ids, more than half of the "
+                f"{free / 2**30:.1f} GiB free: lower --stream-tokens"
+            )
         docs = load_documents(
             run_config.dataset, ctx.tokenizer, None, 2, 10**9, run_config.text_field, run_config.split
         )
-        stream: list[int] = []
-        while len(stream) < self.options.stream_tokens:  # cycle through the corpus if it is shorter
-            for d in docs:
-                stream.extend(d.ids)
-        self.stream = torch.tensor([stream[: self.options.stream_tokens]], device=ctx.device)
+        corpus = torch.tensor([i for d in docs for i in d.ids])
+        repeats = -(-n // len(corpus))  # cycle through the corpus if it is shorter
+        self.stream = corpus.repeat(repeats)[:n].unsqueeze(0).to(ctx.device)
 
     def data_digest(self) -> str:
         return hashlib.sha256(self.stream.cpu().numpy().tobytes()).hexdigest()[:16]

@@ -501,7 +501,7 @@ def test_each_command_lists_and_reads_only_its_own_flags(tiny, tmp_path):
     res = run(tiny, "stream", "--stream-tokens", "300", "--chunk-size", "64", out=tmp_path / "stream")
     assert res.exit_code == 0, res.output
     assert [m["label"] for m in load(tmp_path / "stream")[0]["resolved"]["methods"]] == ["lm-infinite", "streaming-llm"]
-    res = run(tiny, "diagnose", "--lengths", "2x", out=tmp_path / "diagnose")
+    res = run(tiny, "diagnose", "--lengths", "4x", out=tmp_path / "diagnose")  # (queries from position 64 on)
     assert res.exit_code == 0 and "ignored" not in res.stderr and "warning" not in res.stderr, res.stderr
 
 
@@ -755,8 +755,6 @@ def test_every_numeric_flag_refuses_bad_values_in_one_line(tiny, tmp_path):
         config = tmp_path / "bad.yaml"
         config.write_text(f"{name}: {bad}\n")
         for args in ([f"--{name.replace('_', '-')}", str(bad)], ["--config", str(config)]):
-            if bad == "abc" and args[0] != "--config":
-                continue  # (typer itself refuses text for an int flag, with its usage text)
             res = run(tiny, command, *args, out=tmp_path / "out")
             lines = res.stderr.strip().splitlines()
             assert res.exit_code == 2 and len(lines) == 1 and f"--{name.replace('_', '-')}" in lines[0], (
@@ -799,7 +797,7 @@ def test_bad_files_and_values_are_one_line_errors(tiny, tmp_path, monkeypatch):
         "report empty": (["report", str(tmp_path / "empty")], "not a complete results.json"),
     }
     for case, (args, expected) in cases.items():
-        full = [*args] if args[0] == "report" else [*args, "--n-global", "4"]
+        full = [*args] if args[0] == "report" else [*args, "--n-global", "4", "--num-docs", "1"]
         if args[0] != "report" and "--model" not in args:
             full += ["--model", str(tiny.model)]
         if args[0] != "report" and "--dataset" not in args:

@@ -26,7 +26,7 @@ def tiny(tmp_path_factory):
 
 
 def run(tiny, *args, out: Path | None = None):
-    base = ["--model", tiny.model]
+    base = ["--model", tiny.model] if "--model" not in args else []
     base += ["--n-global", "4"] if args[0] != "diagnose" else []  # (diagnose studies the unmodified model)
     base += ["--dataset", tiny.data] if args[0] in ("ppl", "generate", "stream", "diagnose") else []
     if out is not None:
@@ -248,3 +248,52 @@ def test_an_edited_local_lm_eval_task_is_another_run(tiny, tmp_path, local_task,
     (tmp_path / "out" / "results.json").unlink()
     (task_dir / "rows.jsonl").write_text((task_dir / "rows.jsonl").read_text().replace("river runs", "lamp glows"))
     one_line(run(tiny, *args, "--resume", out=tmp_path / "out"), "documents")
+
+
+# --- unreadable inputs ---------------------------------------------------------------------------------
+
+
+def test_damaged_weights_and_an_impossible_stream_are_one_line(tiny, tmp_path):
+    import shutil
+
+    damaged = tmp_path / "damaged"
+    shutil.copytree(tiny.model, damaged)
+    weights = damaged / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    one_line(
+        run(tiny, "ppl", "--model", damaged, "--lengths", "2x", "--num-docs", "1", out=tmp_path / "out"), "damaged"
+    )
+    one_line(run(tiny, "stream", "--stream-tokens", "2000000000000", out=tmp_path / "out"), "--stream-tokens")
+    assert not (tmp_path / "out").exists()
+
+
+# --- write failures ------------------------------------------------------------------------------------
+
+
+def test_a_failed_plot_or_summary_leaves_no_complete_folder(tiny, tmp_path, monkeypatch):
+    import errno
+
+    from lminf_eval.tasks.ppl import Perplexity
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Perplexity, "plots", full)
+    one_line(run(tiny, *PPL, out=tmp_path), "No space left", mid_run=True)
+    assert not (tmp_path / "results.json").exists() and len(samples(tmp_path)) == 4  # the cells are kept
+    monkeypatch.undo()
+    assert run(tiny, *PPL, "--resume", out=tmp_path).exit_code == 0
+    assert json.loads((tmp_path / "results.json").read_text())["status"] == "complete"
+
+
+def test_an_unwritable_fingerprint_on_resume_is_one_line(tiny, tmp_path, monkeypatch):
+    assert run(tiny, *PPL, out=tmp_path).exit_code == 0
+    original = Path.write_text
+
+    def read_only(self, *args, **kwargs):
+        if self.name.startswith("run.json"):
+            raise OSError(30, "Read-only file system")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", read_only)
+    one_line(run(tiny, *PPL, "--resume", out=tmp_path), "Read-only file system")

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, get_type_hints
 
 import typer
+from typer.core import TyperGroup
 
 from .. import tasks  # noqa: F401  (registers the built-in tasks)
 from ..errors import UserError, shown
@@ -22,12 +23,35 @@ from ..settings import HELP as SETTING_HELP
 from .config import COMMON, RunConfig, read_config_file, split_settings
 from .task import TASKS, Task, load_plugins
 
+
+class OneLineErrors(TyperGroup):
+    """Click's own usage errors (an unknown flag, text for a number) as one line and exit 2, like ours."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra) -> Any:
+        try:
+            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except typer.TyperException as err:  # (click's usage errors, as typer vendors them)
+            if not hasattr(err, "format_message"):
+                raise
+            message = " ".join(err.format_message().split())
+            hint = f" (see {err.ctx.command_path} --help)" if getattr(err, "ctx", None) else ""
+            typer.echo(f"lminf-eval: error: {message[:300]}{hint}", err=True)
+            code = err.exit_code
+        except typer.Abort:
+            typer.echo("lminf-eval: aborted", err=True)
+            code = 130
+        if not standalone_mode:
+            return code
+        sys.exit(code if isinstance(code, int) else 0)
+
+
 app = typer.Typer(
     name="lminf-eval",
     help="LM-Infinite vs the unmodified model: perplexity, passkey retrieval, generation quality and speed.",
     no_args_is_help=False,
     add_completion=False,
     pretty_exceptions_enable=False,
+    cls=OneLineErrors,
 )
 
 

@@ -212,6 +212,11 @@ def load_model(name: str, dtype: str | torch.dtype = "float32", device: str = "c
                 else "check the directory holds a transformers checkpoint"
             )
             raise ModelError(f"cannot load model {name!r} ({type(err).__name__}): {hint}") from None
+        except Exception as err:  # a damaged weights file (safetensors' own error type), or a broken tokenizer
+            if type(err).__name__ not in ("SafetensorError", "HeaderTooLarge", "JSONDecodeError", "DecodeError"):
+                raise
+            detail = str(err).splitlines()[0][:120]
+            raise ModelError(f"cannot read model {name!r} ({detail}): its files are damaged, copy them again") from None
     if not device_map:
         model = model.to(device)
     return model.eval(), tok

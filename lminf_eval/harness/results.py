@@ -45,6 +45,13 @@ def _cut_torn_tail(file: Path) -> None:
         console.print(f"[yellow]{file}: dropped a torn last line (a write cut short); that cell runs again")
 
 
+def _write_whole(file: Path, text: str) -> None:
+    """Write through a temporary file and a rename: a reader (or a kill) never sees half a file."""
+    tmp = file.with_name(file.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, file)
+
+
 def git_hash() -> str | None:
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=5)
@@ -127,7 +134,13 @@ class RunDir:
         except UserError:
             self.close()
             raise
-        (self.path / "run.json").write_text(json.dumps({"fingerprint": fingerprint}, indent=1, default=str))
+        try:
+            _write_whole(self.path / "run.json", json.dumps({"fingerprint": fingerprint}, indent=1, default=str))
+        except OSError as err:
+            self.close()
+            raise UserError(
+                f"cannot write to {self.path} ({err.strerror}): free space, or pass another --output-dir"
+            ) from None
         for file in self.path.glob("samples*.jsonl"):
             _cut_torn_tail(file)
 
@@ -203,4 +216,4 @@ class RunDir:
             if intervals is not None:
                 intervals.to_csv(self.path / f"{name}_intervals.csv")
             (self.path / f"{name}.md").write_text(table.markdown() + "\n")
-        (self.path / "results.json").write_text(summary.to_json())
+        _write_whole(self.path / "results.json", summary.to_json())

@@ -316,9 +316,14 @@ def _summarize(task: Task, cells: list[Cell], started: float, interrupted: bool)
         metrics=metrics,
         tables={name: ResultsTable.from_frame(df) for name, df in tables.items()},
     )
-    ctx.run.write_summary(summary, tables)
-    if rows:
-        task.plots(rows)
+    try:  # (results.json last: a folder that says "complete" holds every table and plot)
+        if rows:
+            task.plots(rows)
+        ctx.run.write_summary(summary, tables)
+    except OSError as err:
+        raise UserError(
+            f"cannot write results to {ctx.run.path} ({err.strerror}): finished cells are kept; free space and --resume"
+        ) from None
     for name, df in tables.items():
         print_table(name, df)
     console.print(f"results: {ctx.run.path}")
