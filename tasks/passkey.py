@@ -26,7 +26,7 @@ import numpy as np
 
 from lminf_eval.errors import UserError
 from lminf_eval.harness.intervals import Estimate, accuracy
-from lminf_eval.harness.models import REPO_ROOT
+from lminf_eval.harness.models import shipped
 from lminf_eval.harness.task import DOCUMENT_FLAGS, Cell, Task, option, register_task
 
 from .base import greedy, method_table, ok_rows, slug, truncated
@@ -53,7 +53,7 @@ NOUNS = (
 VARIANTS = ("single", "multivalue", "multiquery")
 KEY_TYPES = ("name", "word", "number", "uuid")
 VALUE_TYPES = ("number", "word", "uuid")
-HAYSTACKS = {"repeat": None, "essay": REPO_ROOT / "data" / "haystack" / "python-howto.txt"}
+HAYSTACKS = {"repeat": None, "essay": shipped("data", "haystack", "python-howto.txt")}
 
 
 @dataclass(frozen=True)

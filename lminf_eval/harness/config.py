@@ -65,6 +65,10 @@ COMMON = tuple(f.name for f in fields(RunConfig) if f.metadata.get("help"))
 def read_config_file(path: str, allowed: set[str]) -> dict:
     """YAML mapping of option names (dashes or underscores) to values; keys outside `allowed` are errors."""
     file = Path(path)
+    if not file.exists() and Path(path).parts[:1] == ("configs",):  # a shipped config, from any directory
+        from .models import shipped
+
+        file = shipped(path)
     if not file.is_file():
         raise UserError(f"config file {path} does not exist or is not a file (shipped configs are in configs/)")
     try:

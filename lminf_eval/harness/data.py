@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import UserError
-from .models import REPO_ROOT, hub_reachable
+from .models import hub_reachable, shipped
 
 
 @dataclass(frozen=True)
@@ -133,7 +133,7 @@ def iter_texts(name: str, entry: DatasetEntry):
     if entry.kind == "hub":
         return _hub_texts(entry, name)
     path = Path(entry.target)
-    path = path if path.is_absolute() else REPO_ROOT / path
+    path = path if path.is_absolute() else shipped(str(path))
     if not path.exists():
         raise UserError(f"dataset {name!r} is not built: run `make data` (expected {path})")
     return _local_texts(path, entry.text_field)

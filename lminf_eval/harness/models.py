@@ -16,8 +16,15 @@ from ..errors import ModelError
 if TYPE_CHECKING:
     import torch
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-MODEL_DIR = REPO_ROOT / "models"
+REPO_ROOT = Path(__file__).resolve().parents[2]  # (a clone or editable install; site-packages in a wheel)
+SHIPPED = Path(__file__).resolve().parents[1] / "shipped"  # models/, data/, configs/ inside an installed wheel
+
+
+def shipped(*parts: str) -> Path:
+    """A shipped model, corpus or config (`shipped("models", "tiny-rope")`), found through the package: inside
+    it when installed from a wheel (pyproject maps models/, data/, configs/ to lminf_eval/shipped/), else in
+    the repository (a clone, an editable install)."""
+    return (SHIPPED if SHIPPED.is_dir() else REPO_ROOT).joinpath(*parts)
 
 
 @dataclass(frozen=True)
@@ -160,7 +167,7 @@ def model_source(name: str) -> tuple[str, str]:
     if entry is not None and entry.kind == "gguf-package":
         return "gguf-package", entry.target
     if entry is not None and entry.kind == "local":
-        path = REPO_ROOT / entry.target
+        path = shipped(entry.target)
         if not (path / "config.json").exists():
             raise ModelError(f"{name} is not built: run `make models` (expected {path})")
         return "local", str(path)

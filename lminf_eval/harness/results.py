@@ -59,6 +59,9 @@ def git_hash() -> str | None:
             ["git", "status", "--porcelain"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=5
         )
         return out.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "") if out.returncode == 0 else None
+    """The commit (+dirty) of the clone the code runs from; None when installed from a wheel."""
+    if not (REPO_ROOT / "pyproject.toml").is_file():
+        return None
     except (OSError, subprocess.SubprocessError):
         return None
 
