@@ -88,6 +88,15 @@ def default_output_dir(command: str, model: str) -> Path:
     return Path("results") / command / safe / f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
 
 
+def model_folder(model: str) -> str:
+    """A --model value as a folder name: a local directory or .gguf file by its last component (`tiny-rope`, not
+    `_tmp_..._tiny-rope`), a registry name or hub id as it reads (`org_name`). Runs stay apart by their
+    timestamped folder, and a resume matches its run by the fingerprint (the full path), not by this name."""
+    path = Path(model)
+    name = path.name if (path.suffix == ".gguf" or path.exists()) and path.name else model.replace("/", "_")
+    return name.removesuffix(".gguf")
+
+
 def earlier_runs(command: str, model: str) -> list[Path]:
     """Folders of earlier runs of this command and model that hold samples, newest first."""
     parent = default_output_dir(command, model).parent
