@@ -53,15 +53,15 @@ def _write_whole(file: Path, text: str) -> None:
 
 
 def git_hash() -> str | None:
+    """The commit (+dirty) of the clone the code runs from; None when installed from a wheel."""
+    if not (REPO_ROOT / "pyproject.toml").is_file():
+        return None
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=5)
         dirty = subprocess.run(
             ["git", "status", "--porcelain"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=5
         )
         return out.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "") if out.returncode == 0 else None
-    """The commit (+dirty) of the clone the code runs from; None when installed from a wheel."""
-    if not (REPO_ROOT / "pyproject.toml").is_file():
-        return None
     except (OSError, subprocess.SubprocessError):
         return None
 
@@ -82,12 +82,6 @@ def versions() -> dict:
     }
 
 
-def default_output_dir(command: str, model: str) -> Path:
-    safe = model.replace("/", "_").replace(".gguf", "")
-    # (the process id keeps two runs started in the same second apart)
-    return Path("results") / command / safe / f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
-
-
 def model_folder(model: str) -> str:
     """A --model value as a folder name: a local directory or .gguf file by its last component (`tiny-rope`, not
     `_tmp_..._tiny-rope`), a registry name or hub id as it reads (`org_name`). Runs stay apart by their
@@ -95,6 +89,12 @@ def model_folder(model: str) -> str:
     path = Path(model)
     name = path.name if (path.suffix == ".gguf" or path.exists()) and path.name else model.replace("/", "_")
     return name.removesuffix(".gguf")
+
+
+def default_output_dir(command: str, model: str) -> Path:
+    safe = model_folder(model)
+    # (the process id keeps two runs started in the same second apart)
+    return Path("results") / command / safe / f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
 
 
 def earlier_runs(command: str, model: str) -> list[Path]:
