@@ -69,6 +69,13 @@ PRESETS: dict[str, Preset] = {
         ("limit_distance", "group_size", "log_scale_base"),
         "Su 2023, github.com/bojone/rerope",
     ),
+    "string": Preset(
+        "STRING: every key kept; distance d below the shift limit_distance (S), else d - S + shift_local (W): "
+        "the well-trained small distances re-used for the far pairs.",
+        {**FULL, "limit_distance": "L_pre/3", "far_distance": "shifted", "shift_local": 128},
+        ("limit_distance", "shift_local", "log_scale_base"),
+        "An et al., arXiv 2410.18745",
+    ),
     "pi": Preset(
         "Position interpolation, frozen: transformers' rope_type linear, every distance divided by rope_factor "
         "(RoPE families, like dynamic-ntk and yarn).",

@@ -16,7 +16,7 @@ from .errors import LMInfiniteError
 
 BACKENDS = ("auto", "blocks", "blocks-masked", "plain", "flex", "flash-window")
 # where a visible pair at or past the ceiling L is scored (rules in attention/plan.py `far_positions`)
-FAR_DISTANCES = ("ceiling", "cache", "grouped", "leaky")
+FAR_DISTANCES = ("ceiling", "cache", "grouped", "leaky", "shifted")
 # transformers' rope_parameters types we set (none: the model's own)
 ROPE_TYPES = ("none", "linear", "dynamic", "yarn")
 
@@ -37,6 +37,7 @@ class Settings:
     log_scale_base: float  # queries scaled by max(1, ln(i+1)/ln(base)); 0: off
     rope_type: str  # transformers RoPE scaling set on the model (ROPE_TYPES)
     rope_factor: float  # its factor s (1.0 with rope_type none)
+    shift_local: int = 128  # shifted (STRING): far distances start again at this W
 
     @classmethod
     def resolve(cls, pretraining_length: int | None, target_length: int | None = None, **overrides) -> Settings:
@@ -65,6 +66,7 @@ class Settings:
             log_scale_base=_length(value["log_scale_base"], 0, l_pre, "log_scale_base", zero=True),
             rope_type=rope_type,
             rope_factor=_factor(value["rope_factor"], rope_type, l_pre, target_length),
+            shift_local=_count(value["shift_local"], DEFAULTS["shift_local"], "shift_local"),
         )
         if settings.n_global > settings.n_local:
             raise LMInfiniteError(
@@ -80,6 +82,11 @@ class Settings:
                     "limit_distance does not apply with far_distance=cache (StreamingLLM re-indexes far keys "
                     "inside its cache): drop it"
                 )
+        if settings.far_distance == "shifted" and not settings.shift_local < settings.limit_distance:
+            raise LMInfiniteError(
+                f"shift_local ({settings.shift_local}) must be below limit_distance ({settings.limit_distance}): "
+                "STRING re-uses distances W..d-S+W, lower shift_local or raise limit_distance"
+            )
         if settings.log_scale_base == 1:
             raise LMInfiniteError("log_scale_base must be 0 (off) or >= 2")
         return settings
@@ -117,6 +124,7 @@ DEFAULTS: dict[str, object] = {
     "log_scale_base": 0,
     "rope_type": "none",
     "rope_factor": "target/L_pre",
+    "shift_local": 128,
 }
 HELP = {
     "n_global": "Starting tokens every query sees.",
@@ -131,15 +139,17 @@ HELP = {
     "far_distance": "Where a visible pair at or past the ceiling is scored: ceiling (at L: LM-Infinite, ReRoPE), "
     "cache (its index distance inside the kept cache; the ceiling is then the window: StreamingLLM), "
     "grouped (Self-Extend's grouped positions), "
-    "leaky (L + (d - L)/group_size: Leaky ReRoPE).",
+    "leaky (L + (d - L)/group_size: Leaky ReRoPE), "
+    "shifted (d - L + shift_local: STRING).",
     "group_size": "grouped/leaky: far distances grow 1/group_size as fast (Self-Extend's G, Leaky ReRoPE's k).",
     "log_scale_base": "Queries scaled by max(1, ln(i+1)/ln(base)) (ReRoPE's log-n scaling; 0: off).",
     "rope_type": "transformers' RoPE scaling set on the model: none, linear (PI), dynamic (dynamic NTK), yarn.",
     "rope_factor": "Its factor s (default: the run's longest length / L_pre, at least 1).",
+    "shift_local": "shifted (STRING): far pairs (d >= limit_distance S) scored at d - S + shift_local (W < S).",
 }
 NAMES = tuple(f.name for f in fields(Settings))
 # set through a method's options (`--method self-extend:group_size=16`), not as flags of every command
-METHOD_ONLY = ("far_distance", "group_size", "log_scale_base", "rope_type", "rope_factor")
+METHOD_ONLY = ("far_distance", "group_size", "log_scale_base", "rope_type", "rope_factor", "shift_local")
 FLAG_NAMES = tuple(name for name in NAMES if name not in METHOD_ONLY)
 TEXT_NAMES = ("backend", "far_distance", "rope_type")
 

@@ -89,8 +89,10 @@ def distance(i: torch.Tensor, j: torch.Tensor, settings) -> torch.Tensor:
         far = slot_i - slot_j
     elif rule == "grouped":  # Self-Extend: floor(i/G) - floor(j/G) + W - floor(W/G)
         far = torch.floor(i / G) - torch.floor(j / G) + L - L // G
-    else:  # Leaky ReRoPE: L + (delta - L)/k
+    elif rule == "leaky":  # Leaky ReRoPE: L + (delta - L)/k
         far = L + (delta - L) / G
+    else:  # STRING: delta - S + W (shift S = L, local value W = shift_local)
+        far = delta - L + settings.shift_local
     return torch.where(delta >= L, far, delta)
 
 

@@ -20,6 +20,7 @@ PEERS = {
     "self-extend": "self-extend:limit_distance=6:group_size=3",
     "rerope": "rerope:limit_distance=5:log_scale_base=8",
     "leaky-rerope": "leaky-rerope:limit_distance=5:group_size=4:log_scale_base=8",
+    "string": "string:limit_distance=7:shift_local=2",
 }
 
 
@@ -85,6 +86,15 @@ def test_streaming_llm_decode_equals_reforward():
     with applied(model, settings_of(PEERS["streaming-llm"]), L_PRE):
         new = generate(model, ids, 2 * L_PRE)[:, ids.shape[1] :]
         assert torch.equal(new, greedy_by_reforward(model, ids, 2 * L_PRE))
+
+
+def test_string_decode_equals_reforward():
+    """STRING token by token through transformers' cache (each new query shifted past S) = full forwards."""
+    model = tiny_model("llama")
+    ids = torch.randint(1, VOCAB, (1, 2 * L_PRE))
+    with applied(model, settings_of(PEERS["string"]), L_PRE):
+        new = generate(model, ids, L_PRE)[:, ids.shape[1] :]
+        assert torch.equal(new, greedy_by_reforward(model, ids, L_PRE))
 
 
 @pytest.mark.parametrize("peer", list(PEERS))
@@ -161,6 +171,7 @@ def test_unsupported_combinations_are_one_line_errors():
         ("streaming-llm:n_local=inf", "llama", "finite n_local"),
         ("rerope:log_scale_base=1", "llama", "log_scale_base"),
         ("lm-infinite:far_distance=far", "llama", "unknown far_distance"),
+        ("string:limit_distance=7:shift_local=7", "llama", "shift_local"),
     ]:
         model = tiny_model(family)
         with pytest.raises(LMInfiniteError, match=words) as err:

@@ -39,6 +39,8 @@ def far_positions(q_idx, k_idx, settings):
     - cache: the query's slot in the kept cache, min(i, g + w - 1), and the key's own j (StreamingLLM);
     - grouped: floor(i/G) + L - floor(L/G) and floor(j/G) (Self-Extend, its window W = L);
     - leaky: i/G + L - L/G and j/G, i.e. distance L + (d - L)/G (Leaky ReRoPE).
+    - shifted: i - L + W and j, i.e. distance d - L + W, W = shift_local (STRING: the well-trained small
+      distances W.. re-used for the far pairs, its shift S = L).
     Works elementwise on tensors and inside a FlexAttention score_mod."""
     rule, limit, group = settings.far_distance, settings.limit_distance, settings.group_size
     if rule == "ceiling":
@@ -47,6 +49,8 @@ def far_positions(q_idx, k_idx, settings):
         return torch.clamp(q_idx, max=settings.n_global + int(settings.n_local) - 1), k_idx
     if rule == "grouped":
         return q_idx // group + int(limit) - int(limit) // group, k_idx // group
+    if rule == "shifted":
+        return q_idx - int(limit) + settings.shift_local, k_idx
     return q_idx / group + limit - limit / group, k_idx / group
 
 
