@@ -13,7 +13,9 @@ __version__ = "0.1.0"
 _LAZY = {
     "LMInfiniteCache": "cache",
     "LMInfiniteError": "errors",
-    "FAMILIES": "patch",
+    "FAMILIES": "families",
+    "Family": "families",
+    "register_family": "families",
     "apply_lm_infinite": "patch",
     "configure": "patch",
     "register_attention": "patch",
@@ -25,8 +27,8 @@ _LAZY = {
 if TYPE_CHECKING:
     from .cache import LMInfiniteCache
     from .errors import LMInfiniteError
+    from .families import FAMILIES, Family, register_family
     from .patch import (
-        FAMILIES,
         apply_lm_infinite,
         configure,
         register_attention,
@@ -50,12 +52,14 @@ def __dir__() -> list[str]:
 
 __all__ = [
     "FAMILIES",
+    "Family",
     "LMInfiniteCache",
     "LMInfiniteError",
     "Settings",
     "apply_lm_infinite",
     "configure",
     "register_attention",
+    "register_family",
     "remove_lm_infinite",
     "use_implementation",
     "__version__",

@@ -15,6 +15,8 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 
 from .errors import UserError
+from .families import FAMILIES
+from .families.base import unchanged
 from .patch import apply_lm_infinite, remove_lm_infinite
 from .settings import DEFAULTS, NAMES, TEXT_NAMES, Settings
 
@@ -23,17 +25,21 @@ FULL = {"n_local": math.inf, "limit_distance": math.inf}  # every key kept at it
 
 @dataclass(frozen=True)
 class Preset:
-    """One method: what it fixes (None: the unmodified model), the settings a user may change, its source."""
+    """One method: what it fixes (None: the unmodified model), the settings a user may change, its source;
+    `truncate`: the unmodified model reads only the last L_pre tokens of every input (each task cuts them)."""
 
     summary: str
     fixes: dict | None
     options: tuple[str, ...] = ()
     source: str = ""
+    truncate: bool = False
 
 
 PRESETS: dict[str, Preset] = {
     "vanilla": Preset("The unmodified model.", None),
-    "truncate": Preset("Vanilla on the last L_pre tokens only, re-encoded (paper Table 2 baseline).", None),
+    "truncate": Preset(
+        "Vanilla on the last L_pre tokens only, re-encoded (paper Table 2 baseline).", None, truncate=True
+    ),
     "lm-infinite": Preset(
         "Λ-shaped mask (first n_global + last n_local tokens) and distances capped at limit_distance.",
         {},
@@ -108,6 +114,11 @@ class Method:
     @property
     def patched(self) -> bool:
         return PRESETS[self.name].fixes is not None
+
+    @property
+    def truncate(self) -> bool:
+        """Whether the method reads only the last L_pre tokens of every input (the `truncate` baseline)."""
+        return PRESETS[self.name].truncate
 
     def settings(self, pretraining_length: int, target_length: int | None, *layers: dict) -> Settings | None:
         """The resolved settings (None for an unpatched method): `layers` (task defaults, then the run's
@@ -189,19 +200,7 @@ def applied(model, settings: Settings | None, pretraining_length: int):
 
 def allow_long_vanilla(model) -> Callable:
     """Some families cannot even run vanilla past their table size (MPT's ALiBi tensor, GPT-J's sin/cos
-    table); extend those tables with the same formula so vanilla extrapolates the way the paper ran it.
-    Returns the function that puts them back."""
-    config = model.config
-    if config.model_type == "mpt" and config.max_seq_len < 1 << 20:
-        saved = config.max_seq_len
-        config.max_seq_len = 1 << 20
-        return lambda model: setattr(model.config, "max_seq_len", saved)
-    if config.model_type == "gptj":
-        from transformers.models.gptj.modeling_gptj import create_sinusoidal_positions
-
-        rotary = model.base_model.rotary_emb
-        saved = rotary.embed_positions
-        if saved.shape[0] < 1 << 17:
-            rotary.embed_positions = create_sinusoidal_positions(1 << 17, rotary.pos_embd_dim).to(saved.device)
-        return lambda model: setattr(model.base_model.rotary_emb, "embed_positions", saved)
-    return lambda model: None
+    table); their adapter extends those tables with the same formula, so vanilla extrapolates the way the
+    paper ran it. Returns the function that puts them back."""
+    family = FAMILIES.get(getattr(model.config, "model_type", None))
+    return family.allow_long_vanilla(model) if family is not None else unchanged

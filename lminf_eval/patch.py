@@ -5,15 +5,14 @@ sits, the settings, the position encoding) and, when a cache is used, swaps in t
 RoPE families receive the `Forward` as the keyword argument `lm_infinite`, which transformers hands down to the
 attention function registered as "lm_infinite" (`lm_infinite_attention` -> `attention.dispatch.lambda_attention`).
 MPT and Bloom compute attention inline and pass no keyword arguments down, so their attention modules get a
-small replacement forward (`AlibiAttention`, holding the `Patch`), which reads the `Forward` the hook left in
-`Patch.current`.
+small replacement forward (`families.alibi.InlineAttention`, holding the `Patch`), which reads the `Forward` the
+hook left in `Patch.current`. What differs between families is read from their adapter (`lminf_eval.families`).
 """
 
 from __future__ import annotations
 
 import copy
 import inspect
-import types
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -22,30 +21,17 @@ from torch import nn
 from transformers import AttentionInterface
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.masking_utils import AttentionMaskInterface
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .attention.dispatch import lambda_attention
 from .attention.plan import Plan
-from .attention.positions import Alibi, Rope, bloom_slopes, gptj_inv_freq, mpt_slopes
+from .attention.positions import Alibi, Rope
 from .cache import LMInfiniteCache
 from .errors import LMInfiniteError
+from .families import FAMILIES, family_of
 from .rope_scaling import apply_rope_scaling
 from .settings import Settings
 
 IMPLEMENTATION = "lm_infinite"
-
-# model_type -> how relative position enters attention
-FAMILIES = {
-    "llama": "rope",
-    "mistral": "rope",
-    "qwen2": "rope",
-    "qwen3": "rope",
-    "gpt_neox": "rope",
-    "phi": "rope",
-    "gptj": "rope",
-    "mpt": "alibi",
-    "bloom": "alibi",
-}
 LENGTH_KEYS = ("max_position_embeddings", "max_seq_len", "n_positions", "seq_length", "n_ctx")
 
 
@@ -68,9 +54,18 @@ class Patch:
     undo_rope: Callable | None = None  # puts the rotary embedding back after `apply_rope_scaling`
     hooks: list = field(default_factory=list)
     patched: list = field(default_factory=list)  # (object, attribute) pairs we set and must delete
+    saved: list = field(default_factory=list)  # (object, attribute, value) to put back (e.g. GPT-J's table)
     shared_config: object = None  # the config the model had: it may be shared, so we patch a copy
-    gptj_table: torch.Tensor | None = None
     current: Forward | None = None  # MPT/Bloom only: the running forward's `Forward` (see module docstring)
+
+    def set(self, obj, name: str, value) -> None:
+        """Set an attribute that `remove_lm_infinite` deletes (e.g. a replacement `forward`)."""
+        setattr(obj, name, value)
+        self.patched.append((obj, name))
+
+    def restore_later(self, obj, name: str) -> None:
+        """Note the attribute's value now: `remove_lm_infinite` puts it back (it may change meanwhile)."""
+        self.saved.append((obj, name, getattr(obj, name)))
 
 
 def pretraining_length(config) -> int | None:
@@ -89,13 +84,8 @@ def apply_lm_infinite(
     `math.inf` switches the window or the ceiling off, for the ablations). The peer methods are settings too:
     a RoPE scaling (`rope_type`) is set on the model first, and attention is replaced only where the settings
     change it (`Settings.changes_attention`). `target_length`: the longest input, for the default rope_factor."""
-    config = getattr(model, "config", None)
-    family = FAMILIES.get(getattr(config, "model_type", None))
-    if family is None:
-        raise LMInfiniteError(
-            f"unsupported architecture {getattr(config, 'model_type', type(model).__name__)!r}: "
-            f"LM-Infinite supports {', '.join(sorted(FAMILIES))}"
-        )
+    family = family_of(model)
+    config = model.config
     l_pre = pretraining_length_override or pretraining_length(config)
     resolved = Settings.resolve(l_pre, target_length, **settings)
     layers = getattr(config, "num_hidden_layers", None)
@@ -114,18 +104,11 @@ def apply_lm_infinite(
     if not resolved.changes_attention:
         return model
     base = model.base_model
-    patch.position = position_encoding(model)
+    patch.position = family.position(model)
     patch.shared_config, config = config, _own_config(model, config)
     register_attention(IMPLEMENTATION, lambda_attention)
     use_implementation(model, IMPLEMENTATION)
-    if family == "alibi":
-        for module in model.modules():
-            if _is_attention(module):
-                _set(patch, module, "forward", AlibiAttention(module, patch, config))
-    if config.model_type == "gptj":
-        rotary = base.rotary_emb
-        patch.gptj_table = rotary.embed_positions
-        _set(patch, rotary, "forward", types.MethodType(_gptj_rotary_forward, rotary))
+    family.install(model, patch, config)
     patch.hooks.append(base.register_forward_pre_hook(BeforeForward(model, patch), with_kwargs=True))
     patch.hooks.append(base.register_forward_hook(AfterForward(patch), with_kwargs=True))
     return model
@@ -140,8 +123,8 @@ def remove_lm_infinite(model: nn.Module) -> nn.Module:
         hook.remove()
     for obj, name in patch.patched:
         delattr(obj, name)
-    if patch.gptj_table is not None:  # the grown sin/cos table goes back to its original size
-        model.base_model.rotary_emb.embed_positions = patch.gptj_table
+    for obj, name, value in patch.saved:
+        setattr(obj, name, value)
     if patch.shared_config is not None:
         _own_config(model, patch.shared_config, swap_back=True)
     if patch.undo_rope is not None:
@@ -174,7 +157,8 @@ def use_implementation(model: nn.Module, name: str) -> None:
     """Select a registered attention implementation. MPT and Bloom do not use transformers' attention registry
     (`set_attn_implementation` refuses them): for them the name only picks the mask function, and our
     replacement forwards look the attention function up by it."""
-    if FAMILIES.get(model.config.model_type) == "alibi":
+    family = FAMILIES.get(model.config.model_type)
+    if family is not None and not family.registry_attention:
         model.config._attn_implementation = name
     else:
         model.set_attn_implementation(name)
@@ -211,28 +195,9 @@ def _own_config(model: nn.Module, config, swap_back: bool = False):
     return mine
 
 
-def _set(patch: Patch, obj, name: str, value) -> None:
-    setattr(obj, name, value)
-    patch.patched.append((obj, name))
-
-
-def _is_attention(module: nn.Module) -> bool:
-    return type(module).__name__.endswith("Attention") and hasattr(module, "layer_idx")
-
-
 def position_encoding(model: nn.Module) -> Rope | Alibi:
     """How `model` encodes relative position, read from its own parameters (rotary `inv_freq`, ALiBi slopes)."""
-    config, base = model.config, model.base_model
-    if FAMILIES.get(config.model_type) == "alibi":
-        if config.model_type == "mpt":
-            return Alibi(mpt_slopes(base, config.n_heads))
-        return Alibi(bloom_slopes(config.n_head))
-    rotary = getattr(base, "rotary_emb", None)
-    if rotary is not None and hasattr(rotary, "inv_freq"):
-        return Rope(source=rotary, fixed_inv_freq=None, interleaved=False)
-    if config.model_type == "gptj":
-        return Rope(source=None, fixed_inv_freq=gptj_inv_freq(rotary.pos_embd_dim), interleaved=True)
-    raise LMInfiniteError(f"cannot find the rotary embedding of {config.model_type}")
+    return family_of(model).position(model)
 
 
 # --- per-forward plan and cache --------------------------------------------------------------------
@@ -245,6 +210,7 @@ class BeforeForward:
 
     def __init__(self, model: nn.Module, patch: Patch):
         self.config, self.patch = model.config, patch
+        self.inline = not family_of(model).registry_attention  # (its attention reads `patch.current`)
         self.signature = inspect.signature(model.base_model.forward)  # (read once: this runs every decode step)
         self.cache_name = "cache" if "cache" in self.signature.parameters else "past_key_values"
 
@@ -272,7 +238,7 @@ class BeforeForward:
             plan = Plan.from_mask(mask, batch, n_new, past, settings.n_global, tokens.device)
         forward = Forward(plan, settings, self.patch.position)
         bound["lm_infinite"] = forward
-        if FAMILIES[self.config.model_type] == "alibi":
+        if self.inline:
             self.patch.current = forward
         return (), bound
 
@@ -289,59 +255,3 @@ class AfterForward:
         if isinstance(cache, LMInfiniteCache):
             cache.end()
         return output
-
-
-# --- ALiBi families: replacement attention forwards --------------------------------------------------
-
-
-class AlibiAttention:
-    """The forward of an MPT or Bloom attention module, with attention through the registered function."""
-
-    def __init__(self, module: nn.Module, patch: Patch, config):
-        self.module, self.patch, self.config = module, patch, config
-
-    def attend(self, q, k, v, scaling) -> torch.Tensor:
-        """The registered attention function the model's implementation names, called as transformers would."""
-        attention = ALL_ATTENTION_FUNCTIONS[self.config._attn_implementation]
-        return attention(self.module, q, k, v, None, scaling=scaling, lm_infinite=self.patch.current)[0]
-
-    def __call__(self, hidden_states, *args, **kwargs):
-        if self.config.model_type == "mpt":
-            return self.mpt(hidden_states, *args, **kwargs)
-        return self.bloom(hidden_states, *args, **kwargs)
-
-    def mpt(self, hidden_states, position_bias=None, cache=None, attention_mask=None, **kwargs):
-        m = self.module
-        b, n = hidden_states.shape[:2]
-        qkv = m.Wqkv(hidden_states)
-        if m.clip_qkv:
-            qkv = qkv.clamp(min=-m.clip_qkv, max=m.clip_qkv)
-        q, k, v = (t.reshape(b, n, m.n_heads, m.head_dim).transpose(1, 2) for t in qkv.chunk(3, dim=2))
-        if cache is not None:
-            k, v = cache.update(k, v, m.layer_idx)
-        out = self.attend(q, k, v, m.softmax_scale)  # [b, n, h, d]
-        return m.out_proj(out.reshape(b, n, -1)), None
-
-    def bloom(self, hidden_states, residual, alibi=None, attention_mask=None, layer_past=None, **kwargs):
-        from transformers.models.bloom.modeling_bloom import dropout_add
-
-        m = self.module
-        b, n = hidden_states.shape[:2]
-        # Bloom fuses q, k, v per head: [b, n, heads * 3 * head_dim]
-        fused = m.query_key_value(hidden_states).view(b, n, m.num_heads, 3, m.head_dim)
-        q, k, v = (fused[..., i, :].transpose(1, 2) for i in range(3))
-        if layer_past is not None:
-            k, v = layer_past.update(k, v, m.layer_idx)
-        out = m.dense(self.attend(q, k, v, m.inv_norm_factor).reshape(b, n, -1))
-        return dropout_add(out, residual, m.hidden_dropout, m.training), None
-
-
-def _gptj_rotary_forward(self, x: torch.Tensor, position_ids: torch.LongTensor):
-    """GPT-J reads sin/cos from a table of max_position_embeddings rows; grow it (same values) on demand."""
-    from transformers.models.gptj.modeling_gptj import create_sinusoidal_positions
-
-    needed = int(position_ids.max()) + 1
-    if needed > self.embed_positions.shape[0]:
-        table = create_sinusoidal_positions(max(needed, 2 * self.embed_positions.shape[0]), self.pos_embd_dim)
-        self.embed_positions = table.to(self.embed_positions.device)
-    return type(self).forward(self, x, position_ids)

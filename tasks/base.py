@@ -31,7 +31,7 @@ def method_table(values: dict, rows: list[str], columns, index_name="method", oo
 
 def truncated(method, ids: torch.Tensor, l_pre: int) -> torch.Tensor:
     """The paper's Table 2 baseline keeps only the last L_pre tokens, re-encoded."""
-    return ids[..., -l_pre:] if method.name == "truncate" else ids
+    return ids[..., -l_pre:] if method.truncate else ids
 
 
 def greedy(model, ids: torch.Tensor, new_tokens: int, pad_token_id: int | None) -> torch.Tensor:

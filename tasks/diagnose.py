@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from lminf_eval.errors import UserError
-from lminf_eval.harness.data import Document, load_documents
+from lminf_eval.families import FAMILIES
 from lminf_eval.harness.task import Cell, Task, console, register_task
 from lminf_eval.settings import FLAG_NAMES
 
@@ -23,6 +23,8 @@ from .base import method_table, ok_rows
 
 if TYPE_CHECKING:
     import torch
+
+    from lminf_eval.harness.data import Document
 
 BLOCK = 512  # query rows scored at once: memory O(BLOCK x n)
 SINK_FROM = 64  # queries from this position on count towards the position-0 share (earlier ones see few keys)
@@ -100,13 +102,14 @@ class Diagnose(Task):
         ctx = self.ctx
         if any(m.name != "vanilla" for m in ctx.methods):
             console.print("[yellow]diagnose studies the unmodified model: methods other than vanilla are ignored")
-        if ctx.model.config.model_type in ("mpt", "bloom"):
+        family = FAMILIES.get(ctx.model.config.model_type)
+        if family is not None and not family.registry_attention:
             raise UserError("diagnose reads attention through transformers' registry: use a RoPE model")
         n = max(ctx.lengths)
         if n <= SINK_FROM:
             raise UserError(f"diagnose reads queries from position {SINK_FROM} on: pass --lengths above {SINK_FROM}")
         # one document: the figures describe a single long read
-        self.docs = load_documents(ctx.run_config.dataset, ctx.tokenizer, 1, n, n, ctx.run_config.text_field)
+        self.docs = self.documents(1, n, n)
 
     def cells(self) -> list[Cell]:
         vanilla = next((m for m in self.ctx.methods if m.name == "vanilla"), None)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from lminf_eval.harness.data import Document, load_documents
+from lminf_eval.harness.data import Document
 from lminf_eval.harness.task import Cell, Task, option, register_task
 
 from .base import greedy, method_table, ok_rows, truncated
@@ -46,15 +46,7 @@ class Generation(Task):
     def prepare(self) -> None:
         ctx, run_config = self.ctx, self.ctx.run_config
         need = max(ctx.lengths) + self.options.new_tokens
-        self.docs = load_documents(
-            run_config.dataset,
-            ctx.tokenizer,
-            run_config.num_docs,
-            max(run_config.min_tokens or 0, need),
-            need,
-            run_config.text_field,
-            run_config.split,
-        )
+        self.docs = self.documents(run_config.num_docs, max(run_config.min_tokens or 0, need), need)
 
     def cells(self) -> list[Cell]:
         return [

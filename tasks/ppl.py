@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from lminf_eval.harness.data import Document, load_documents
+from lminf_eval.harness.data import Document
 from lminf_eval.harness.intervals import Estimate, bootstrap_mean
 from lminf_eval.harness.task import Cell, Task, console, option, register_task
 
@@ -86,15 +86,7 @@ class Perplexity(Task):
                 f"[yellow]warning: every length is within the pretraining length {ctx.l_pre}; "
                 "LM-Infinite equals vanilla there (pass lengths like 2x,4x for a length-generalisation run)"
             )
-        self.docs = load_documents(
-            run_config.dataset,
-            ctx.tokenizer,
-            run_config.num_docs,
-            run_config.min_tokens or max_len,
-            max_len,
-            run_config.text_field,
-            run_config.split,
-        )
+        self.docs = self.documents(run_config.num_docs, run_config.min_tokens or max_len, max_len)
 
     def cells(self) -> list[Cell]:
         return [Cell({"method": m.label, "doc": d.id}, m, d, len(d.ids)) for m in self.ctx.methods for d in self.docs]
@@ -104,7 +96,7 @@ class Perplexity(Task):
 
         ctx = self.ctx
         ids = torch.tensor([cell.data.ids], device=ctx.device)
-        if cell.method.name == "truncate":
+        if cell.method.truncate:
             nll = strided_nll(ctx.model, ids, ctx.l_pre)
         else:
             nll = token_nll(ctx.model, ids)

@@ -11,7 +11,6 @@ from typing import TYPE_CHECKING
 import psutil
 
 from lminf_eval.errors import UserError
-from lminf_eval.harness.data import load_documents
 from lminf_eval.harness.task import Cell, Task, option, register_task
 
 from .base import method_table, ok_rows
@@ -87,7 +86,7 @@ class Stream(Task):
     def prepare(self) -> None:
         import torch
 
-        ctx, run_config = self.ctx, self.ctx.run_config
+        ctx = self.ctx
         for m in ctx.methods:
             settings = ctx.settings[m.label]
             if settings is None or not settings.bounded:
@@ -101,9 +100,7 @@ class Stream(Task):
                 f"--stream-tokens {n} needs {need / 2**30:.1f} GiB for its token ids, more than half of the "
                 f"{free / 2**30:.1f} GiB free: lower --stream-tokens"
             )
-        docs = load_documents(
-            run_config.dataset, ctx.tokenizer, None, 2, 10**9, run_config.text_field, run_config.split
-        )
+        docs = self.documents(None, 2, 10**9)
         corpus = torch.tensor([i for d in docs for i in d.ids])
         repeats = -(-n // len(corpus))  # cycle through the corpus if it is shorter
         self.stream = corpus.repeat(repeats)[:n].unsqueeze(0).to(ctx.device)

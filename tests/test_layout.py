@@ -1,9 +1,12 @@
-"""The package's shape: no import circle among lminf_eval's modules (tasks/ included, as lminf_eval.tasks)."""
+"""The package's shape: no import circle among lminf_eval's modules (tasks/ included, as lminf_eval.tasks), not
+even through imports made for type hints only."""
 
 from __future__ import annotations
 
 import ast
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -19,16 +22,21 @@ def modules() -> dict[str, Path]:
     return out
 
 
-def runtime_imports(name: str, file: Path, known: set[str]) -> set[str]:
-    """Modules of ours that `name` imports when it runs (anywhere but under `if TYPE_CHECKING:`)."""
+def imports(name: str, file: Path, known: set[str], type_only: bool = True) -> set[str]:
+    """Modules of ours that `name` imports, anywhere in it (functions included); with `type_only`, also those
+    imported for type hints only (under `if TYPE_CHECKING:`)."""
     tree = ast.parse(file.read_text())
     package = name if file.name == "__init__.py" else name.rsplit(".", 1)[0]
-    skip = {
-        id(n)
-        for node in ast.walk(tree)
-        if isinstance(node, ast.If) and getattr(node.test, "id", None) == "TYPE_CHECKING"
-        for n in ast.walk(node)
-    }
+    skip = (
+        set()
+        if type_only
+        else {
+            id(n)
+            for node in ast.walk(tree)
+            if isinstance(node, ast.If) and getattr(node.test, "id", None) == "TYPE_CHECKING"
+            for n in ast.walk(node)
+        }
+    )
     found = set()
     for node in ast.walk(tree):
         if id(node) in skip:
@@ -44,10 +52,13 @@ def runtime_imports(name: str, file: Path, known: set[str]) -> set[str]:
     return {m for m in found if m in known and m != name}
 
 
-def test_no_import_circle():
+@pytest.mark.parametrize("type_only", [False, True], ids=["at-run-time", "type-only-included"])
+def test_no_import_circle(type_only):
     mods = modules()
-    graph = {name: runtime_imports(name, file, set(mods)) for name, file in mods.items()}
+    graph = {name: imports(name, file, set(mods), type_only) for name, file in mods.items()}
     assert graph["lminf_eval.harness.cli"] and graph["lminf_eval.attention.dispatch"]  # the parser sees imports
+    if type_only:  # (and the imports made for type hints only)
+        assert "lminf_eval.harness.config" in graph["lminf_eval.harness.task"]
     state: dict[str, int] = {}  # 1: on the current path, 2: done
 
     def visit(node: str, path: list[str]) -> None:

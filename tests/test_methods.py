@@ -184,3 +184,25 @@ def _preset(spec: str) -> dict:
     from lminf_eval.methods import PRESETS
 
     return {k: v for k, v in PRESETS[spec.split(":")[0]].fixes.items() if k not in parse_method(spec).options}
+
+
+@pytest.mark.parametrize("spec", ["lm-infinite", "streaming-llm", "self-extend", "rerope", "leaky-rerope", "string"])
+def test_far_positions_of_a_key_depend_on_the_key_alone(spec):
+    """The contract the backends rely on (keys turned once per layer, queries once per block): for every rule,
+    a key's far position is the same whichever query it is paired with, and a query's whichever key."""
+    from lminf_eval.attention.plan import far_positions
+
+    settings = settings_of(PEERS.get(spec, spec))
+    q, k = torch.arange(0, 200)[:, None], torch.arange(0, 200)[None, :]
+    q_pos, k_pos = (torch.as_tensor(t).double().broadcast_to(200, 200) for t in far_positions(q, k, settings))
+    assert torch.equal(k_pos, k_pos[:1].expand(200, -1)) and torch.equal(q_pos, q_pos[:, :1].expand(-1, 200))
+
+
+def test_far_positions_refuse_a_rule_they_do_not_know():
+    import dataclasses
+
+    from lminf_eval.attention.plan import far_positions
+
+    unknown = dataclasses.replace(settings_of("lm-infinite"), far_distance="nearest")
+    with pytest.raises(LMInfiniteError, match="unknown far_distance 'nearest'"):
+        far_positions(torch.arange(4), torch.arange(4), unknown)

@@ -42,8 +42,9 @@ class Layout:
     band: tuple[int, int, int] | None  # key slots (a, m, q): ragged edge [a, m), bulk [m, q), causal square from q
     mid: slice | None  # keys seen by every query with an ordinary score (no mask), when there is no band
     keys: torch.Tensor  # the other candidate key slots, masked
-    bias: torch.Tensor | None  # [b, 1 or h, n, len(keys)]: bool visibility (RoPE; 1 byte a pair while memoised)
-    # or the additive ALiBi bias with -inf where not visible; None when no pair is visible
+    # [b, 1 or h, n, len(keys)]: a bool visibility mask (RoPE; 1 byte a pair while memoised) or the additive
+    # ALiBi bias with -inf where not visible; None when no pair of `keys` is visible
+    mask_or_bias: torch.Tensor | None
     far_all: slice | torch.Tensor | None = None  # key slots past the ceiling for every query (RoPE), unmasked
     far: torch.Tensor | None = None  # key slots past the ceiling for some queries only
     far_visible: torch.Tensor | None = None  # [b, 1, n, len(far)] bool
@@ -60,7 +61,7 @@ class Layout:
 
     def nbytes(self) -> int:
         far_all = self.far_all if isinstance(self.far_all, torch.Tensor) else None
-        tensors = [self.keys, self.bias, far_all, self.far, self.far_visible, *(self.q_turn or ())]
+        tensors = [self.keys, self.mask_or_bias, far_all, self.far, self.far_visible, *(self.q_turn or ())]
         return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 
@@ -166,7 +167,7 @@ def _layout(plan: Plan, first: int, s: int, e: int, settings: Settings, position
         bias = alibi_bias(slopes, qi[:, None, :, None], ki[:, None, None, :], settings)
         bias = bias.masked_fill_(~seen[:, None], -math.inf)
         return Layout(None, None, keys, bias.to(dtype))
-    lay = Layout(band, mid, keys, bias=None)
+    lay = Layout(band, mid, keys, mask_or_bias=None)
     if math.isfinite(limit_distance):
         far_pairs = seen & is_far(dist, limit_distance)
         cols = far_pairs.any(1).any(0).nonzero().squeeze(1)
@@ -184,7 +185,7 @@ def _layout(plan: Plan, first: int, s: int, e: int, settings: Settings, position
             lay.keys, seen = keys[near], seen[:, :, near]
     other = band is not None or mid is not None or lay.far_all is not None or lay.far is not None
     if bool(seen.any()) or not other:  # (a part for padding rows)
-        lay.bias = seen[:, None]
+        lay.mask_or_bias = seen[:, None]
     return lay
 
 
@@ -210,12 +211,12 @@ def _block(q, key, far_key, value, lay: Layout, position, scaling, fused: bool) 
             parts.append((out.flip(2), lse.flip(-1)))
     if lay.mid is not None:
         parts.append(_flash(q, key[:, :, lay.mid], value[:, :, lay.mid], None, scaling, fused))
-    if lay.bias is not None:
+    if lay.mask_or_bias is not None:
         k, v = key[:, :, lay.keys], value[:, :, lay.keys]
-        if lay.bias.dtype == torch.bool:
-            parts.append(_masked(q, k, v, lay.bias, scaling, fused))
+        if lay.mask_or_bias.dtype == torch.bool:
+            parts.append(_masked(q, k, v, lay.mask_or_bias, scaling, fused))
         else:
-            parts.append(_flash(q, k, v, lay.bias, scaling, fused))
+            parts.append(_flash(q, k, v, lay.mask_or_bias, scaling, fused))
     if lay.q_turn is not None:
         q_far = position.apply(q, lay.q_turn)
         if lay.far_all is not None:

@@ -17,6 +17,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..errors import LMInfiniteError
+from ..settings import FAR_DISTANCES
+
 # Bytes of per-forward layout (masks, rotations) a plan keeps for reuse by later layers.
 MEMO_BUDGET = 1 << 28
 
@@ -41,7 +44,9 @@ def far_positions(q_idx, k_idx, settings):
     - leaky: i/G + L - L/G and j/G, i.e. distance L + (d - L)/G (Leaky ReRoPE).
     - shifted: i - L + W and j, i.e. distance d - L + W, W = shift_local (STRING: the well-trained small
       distances W.. re-used for the far pairs, its shift S = L).
-    Works elementwise on tensors and inside a FlexAttention score_mod."""
+    Contract, which every rule must keep: a key's far position depends on the key alone, a query's on the
+    query alone, so the backends turn keys once per layer and queries once per block, never per pair.
+    Works elementwise on tensors and inside a FlexAttention score_mod; a rule it does not know is an error."""
     rule, limit, group = settings.far_distance, settings.limit_distance, settings.group_size
     if rule == "ceiling":
         return q_idx * 0 + int(limit), k_idx * 0
@@ -49,9 +54,11 @@ def far_positions(q_idx, k_idx, settings):
         return torch.clamp(q_idx, max=settings.n_global + int(settings.n_local) - 1), k_idx
     if rule == "grouped":
         return q_idx // group + int(limit) - int(limit) // group, k_idx // group
+    if rule == "leaky":
+        return q_idx / group + limit - limit / group, k_idx / group
     if rule == "shifted":
         return q_idx - int(limit) + settings.shift_local, k_idx
-    return q_idx / group + limit - limit / group, k_idx / group
+    raise LMInfiniteError(f"unknown far_distance {rule!r}: use one of {', '.join(FAR_DISTANCES)}")
 
 
 def alibi_bias(slopes, q_idx, k_idx, settings):

@@ -2,7 +2,8 @@
 
 LM-Infinite needs scores at distances the model never produced itself: the ceiling L for far keys and the
 fixed distance D for top-k middle tokens. For RoPE that means re-rotating the already-rotated q and k by
-an offset; for ALiBi it is just a different bias. Both are derived from the model's own parameters.
+an offset; for ALiBi it is just a different bias. Both are derived from the model's own parameters, by each
+family's adapter (`lminf_eval.families`).
 """
 
 from __future__ import annotations
@@ -59,20 +60,3 @@ class Alibi:
     """ALiBi slopes per query head: the bias of a pair at distance d is -slope * d."""
 
     slopes: torch.Tensor  # [heads], positive
-
-
-def gptj_inv_freq(dim: int) -> torch.Tensor:
-    """GPT-J keeps only a sin/cos table; this is the frequency vector that table was built from."""
-    return 1.0 / (10000 ** (torch.arange(0, dim, 2, dtype=torch.int64) / dim))
-
-
-def mpt_slopes(base: nn.Module, n_heads: int) -> torch.Tensor:
-    """MPT's slopes, recovered from the base model's own ALiBi builder (the bias of the key one step back), so
-    they are what its forward uses (transformers builds them with alibi_bias_max 8, whatever the config says)."""
-    return -base.build_mpt_alibi_tensor(n_heads, 2, device="cpu")[:, 0, 0].float()
-
-
-def bloom_slopes(n_heads: int) -> torch.Tensor:
-    from transformers.models.bloom.modeling_bloom import _get_alibi_slopes
-
-    return _get_alibi_slopes(n_heads, torch.device("cpu")).float()

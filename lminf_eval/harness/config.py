@@ -12,7 +12,7 @@ import yaml
 
 from ..errors import UserError, shown
 from ..settings import FLAG_NAMES
-from .task import option
+from .flags import option
 
 
 @dataclass

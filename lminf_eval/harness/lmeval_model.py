@@ -23,10 +23,9 @@ except ImportError as err:  # the bridge is an optional extra
     raise UserError(INSTALL_LM_EVAL) from err
 
 from ..methods import Method, apply_method, parse_method
-from ..patch import pretraining_length as config_pretraining_length
 from ..settings import NAMES
-from .models import load_model, pretraining_length_for
-from .runner import resolve_device
+from .models import load_model
+from .runner import resolve_device, resolve_run
 
 
 @register_model("lminf")
@@ -50,19 +49,25 @@ class LMInfLM(HFLM):
     ) -> None:
         options = {k: kwargs.pop(k) for k in list(kwargs) if k in NAMES}
         spec = method + "".join(f":{k}={v}" for k, v in options.items())
-        chosen = parse_method(spec)
-        l_pre = pretraining_length
-        if isinstance(pretrained, str):  # a registry name, local dir, .gguf file or hub id, as in lminf-eval
+        chosen = parse_method(spec)  # (a typo fails before the model loads)
+        name = pretrained if isinstance(pretrained, str) else None
+        if name is not None:  # a registry name, local dir, .gguf file or hub id, as in lminf-eval
             resolved, dtype = resolve_device(device or "auto", dtype)
             device = str(resolved)
-            l_pre = l_pre or pretraining_length_for(pretrained)
-            pretrained, loaded_tokenizer = load_model(pretrained, dtype, device)
+            pretrained, loaded_tokenizer = load_model(name, dtype, device)
             tokenizer = tokenizer or loaded_tokenizer
-        l_pre = l_pre or config_pretraining_length(pretrained.config)
+        setup = resolve_run(
+            name,
+            [spec],
+            pretraining_length=pretraining_length,
+            config=pretrained.config,
+            target_length=target_length or max_length,
+        )
+        l_pre = setup.l_pre
         if not l_pre:
             raise UserError("the model's config has no pretraining length: pass pretraining_length=N")
         self.method, self.pretraining_length = chosen, l_pre
-        self.settings = chosen.settings(l_pre, target_length or max_length)
+        self.settings = setup.settings[chosen.label]
         self.undo = apply_method(pretrained, self.settings, l_pre)
         max_length = context_limit(chosen, l_pre, max_length)
         device = device or str(pretrained.device)
@@ -81,4 +86,4 @@ UNCUT = 1 << 24
 def context_limit(method: Method, l_pre: int, asked: int | None) -> int:
     """lm-eval's max_length for `method`: `truncate` keeps the last L_pre tokens (context and answer), the
     others what the user asked for, else everything."""
-    return l_pre if method.name == "truncate" else asked or UNCUT
+    return l_pre if method.truncate else asked or UNCUT

@@ -7,15 +7,21 @@ import os
 import platform
 import subprocess
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pandas as pd
 
 from ..errors import UserError
+from .console import console
 from .models import REPO_ROOT
 from .schema import Results, format_number  # noqa: F401  (format_number: the runner's terminal tables)
-from .task import console
+
+if TYPE_CHECKING:
+    from .config import RunConfig
 
 
 def cell_id(key: dict) -> str:
@@ -110,10 +116,11 @@ def differences(recorded: dict, now: dict) -> list[str]:
 
 @dataclass
 class RunDir:
-    """A run's folder: created when the first cell is about to start (`open`), locked while the run lives,
-    with the fingerprint of what it computes (`run.json`) and one line per finished cell."""
+    """A run's folder and its life: picked, created when the first cell is about to start, checked, locked
+    while the run lives, with the fingerprint of what it computes (`run.json`) and one line per finished
+    cell, unlocked at the end (`opened`)."""
 
-    path: Path
+    path: Path | None  # None: a plain --resume, which continues the earlier run with this fingerprint
     rank: int = 0
     world: int = 1
     lock: object = None
@@ -174,6 +181,33 @@ class RunDir:
             raise UserError(
                 f"--resume: {self.path} holds a run with another {', '.join(diff)}: pass another --output-dir"
             )
+
+    @contextmanager
+    def opened(self, fingerprint: dict, run_config: RunConfig, barrier: Callable[[], None]) -> Iterator[RunDir]:
+        """The folder for the run's life: picked when not given (the newest earlier run of this command and
+        model with this fingerprint), then opened by rank 0 first (`open`: created, checked, locked, the
+        fingerprint recorded), by the other ranks once it has (`barrier`); unlocked when the block ends."""
+        if self.path is None:
+            self.path = self.resumable(run_config.command, run_config.model, fingerprint)
+        if self.rank == 0:  # rank 0 checks and locks the folder before any other rank writes into it
+            self.open(fingerprint, run_config.resume)
+        try:
+            barrier()
+            if self.rank != 0:
+                self.open(fingerprint, run_config.resume)
+            yield self
+        finally:
+            self.close()
+
+    @staticmethod
+    def resumable(command: str, model: str, fingerprint: dict) -> Path:
+        """The newest earlier run of this command and model whose fingerprint is this run's."""
+        runs = earlier_runs(command, model)
+        for path in runs:
+            if RunDir(path).fingerprint() == fingerprint:
+                return path
+        what = f"{command} run of {model}" + (" with these settings" if runs else "")
+        raise UserError(f"--resume found no earlier {what}: pass --output-dir")
 
     def close(self) -> None:
         """Release the folder's lock."""

@@ -9,7 +9,7 @@ import signal
 import threading
 import time
 from contextlib import contextmanager
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from itertools import groupby
 from pathlib import Path
 from types import SimpleNamespace
@@ -21,12 +21,13 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from ..errors import UserError
-from ..methods import applied, parse_methods
-from ..patch import pretraining_length
+from ..methods import Method, applied, parse_methods
+from ..patch import pretraining_length as config_pretraining_length
+from ..settings import Settings
 from .config import RunConfig, parse_lengths
 from .data import check_dataset, iter_texts, resolve_dataset
 from .models import load_model, model_source, pretraining_length_for, weights_digest
-from .results import RunDir, cell_id, default_output_dir, earlier_runs, format_number, git_hash, versions
+from .results import RunDir, cell_id, default_output_dir, format_number, git_hash, versions
 from .schema import Cells, MethodSettings, Resolved, Results
 from .schema import Table as ResultsTable
 from .task import Cell, Context, Task, console
@@ -52,7 +53,7 @@ def barrier(world: int) -> None:
 
 def chosen_output_dir(run_config: RunConfig, world: int) -> Path | None:
     """--output-dir, or a new timestamped folder; None for a plain --resume, which picks its folder once the
-    run's fingerprint is known (`_resumable`)."""
+    run's fingerprint is known (`RunDir.opened`)."""
     if run_config.output_dir:
         return Path(run_config.output_dir)
     if run_config.resume:
@@ -63,16 +64,6 @@ def chosen_output_dir(run_config: RunConfig, world: int) -> Path | None:
 
         path = Path(broadcast_object_list([str(path)])[0])
     return path
-
-
-def _resumable(run_config: RunConfig, fingerprint: dict) -> Path:
-    """The newest earlier run of this command and model whose fingerprint is this run's."""
-    runs = earlier_runs(run_config.command, run_config.model)
-    for path in runs:
-        if RunDir(path).fingerprint() == fingerprint:
-            return path
-    what = f"{run_config.command} run of {run_config.model}" + (" with these settings" if runs else "")
-    raise UserError(f"--resume found no earlier {what}: pass --output-dir")
 
 
 def resolve_device(device: str, dtype: str) -> tuple[torch.device, str]:
@@ -101,6 +92,57 @@ def is_oom(err: BaseException) -> bool:
     )
 
 
+@dataclass(frozen=True)
+class RunSetup:
+    """What a run computes, resolved from its flags (`resolve_run`)."""
+
+    model: str | None  # kind:source (`models.model_source`); None for a model object
+    methods: list[Method]
+    l_pre: int | None  # None: only the loaded model can say (a GGUF, a hub model's config in a dry run)
+    lengths: list[int] | None  # None when L_pre is not known yet
+    settings: dict[str, Settings | None] | None  # method label -> its settings (None: unpatched); None as lengths
+
+
+def resolve_run(
+    model: str | None,
+    methods: list[str],
+    *,
+    pretraining_length: int | None = None,
+    config=None,
+    lengths: str | list | None = None,
+    target_length: int | None = None,
+    layers: tuple[dict, ...] = (),
+) -> RunSetup:
+    """The one place a run's flags become what it computes, for the run, its dry run and the lm-eval model type.
+    L_pre: `pretraining_length` (the flag), else the model registry's, else `config`'s (the model's config, or
+    a function that reads it, called only when needed). `lengths` (token counts or multiples of L_pre) and
+    `layers` (the task's paper defaults, then the run's flags) resolve each method's settings (`Method.settings`),
+    sized for the longest length (or `target_length`). A bad value is a UserError."""
+    chosen = parse_methods(methods)
+    source = ":".join(model_source(model)) if isinstance(model, str) else None
+    l_pre = pretraining_length or (pretraining_length_for(model) if isinstance(model, str) else None)
+    if not l_pre and config is not None:
+        l_pre = config_pretraining_length(config() if callable(config) else config)
+    if not l_pre:
+        return RunSetup(source, chosen, None, None, None)
+    sizes = parse_lengths(lengths, l_pre) if lengths is not None else None
+    target = target_length or (max(sizes) if sizes else None)
+    settings = {m.label: m.settings(l_pre, target, *layers) for m in chosen}
+    return RunSetup(source, chosen, l_pre, sizes, settings)
+
+
+def resolve_task_run(task_type: type[Task], run_config: RunConfig, config=None) -> RunSetup:
+    """`resolve_run` for a task's run: its default lengths and paper settings under the run's flags."""
+    return resolve_run(
+        run_config.model,
+        run_config.method,
+        pretraining_length=run_config.pretraining_length,
+        config=config,
+        lengths=run_config.lengths or task_type.default_lengths,
+        layers=(task_type.settings_defaults, run_config.settings),
+    )
+
+
 def execute(task_type: type[Task], run_config: RunConfig) -> Path:
     """Run every cell of `task_type` for `run_config` (resuming if asked), then write results.json and tables.
     Nothing is written before every input has been checked and the first cell is about to start. SIGTERM
@@ -111,49 +153,29 @@ def execute(task_type: type[Task], run_config: RunConfig) -> Path:
 
 def _execute(task_type: type[Task], run_config: RunConfig) -> Path:
     rank, world = distributed(run_config.device)
-    methods = parse_methods(run_config.method)  # fail fast on a typo, before a model loads
+    parse_methods(run_config.method)  # fail fast on a typo, before a model loads
     if run_config.dataset is not None:  # (None: a task that makes its own inputs)
         check_dataset(run_config.dataset, run_config.text_field, run_config.split)
     device, dtype = resolve_device(run_config.device, run_config.dtype)
-    out = chosen_output_dir(run_config, world)
-    if out is not None and rank == 0:  # (checked again under the folder's lock in `RunDir.open`)
-        RunDir(out).refuse_results(run_config.resume)
+    run = RunDir(chosen_output_dir(run_config, world), rank, world)
+    if run.path is not None and rank == 0:  # (checked again under the folder's lock when it opens)
+        run.refuse_results(run_config.resume)
     torch.manual_seed(run_config.seed)
     model, tokenizer = load_model(run_config.model, dtype, str(device), run_config.device_map)
-    l_pre = run_config.pretraining_length or pretraining_length_for(run_config.model)
-    l_pre = l_pre or pretraining_length(model.config)
-    if not l_pre:
+    setup = resolve_task_run(task_type, run_config, model.config)
+    if not setup.l_pre:
         raise UserError(f"{run_config.model} config has no pretraining length: pass --pretraining-length")
-    lengths = parse_lengths(run_config.lengths or task_type.default_lengths, l_pre)
-    # bad settings or an unsupported model fail now, not after hours of vanilla
-    settings = {
-        m.label: m.settings(l_pre, max(lengths), task_type.settings_defaults, run_config.settings) for m in methods
-    }
-    for method in methods:
-        if method.patched:
-            with applied(model, settings[method.label], l_pre):
-                pass
-    run = RunDir(out or Path(), rank, world)
-    ctx = Context(run_config, model, tokenizer, device, l_pre, lengths, methods, settings, run)
+    _try_each_method(model, setup)  # bad settings or an unsupported model fail now, not after hours of vanilla
+    ctx = Context(run_config, model, tokenizer, device, setup.l_pre, setup.lengths, setup.methods, setup.settings, run)
     task = task_type(ctx)
     task.prepare()
     cells = task.cells()
-    fingerprint = _fingerprint(task, dtype)
-    run.path = out or _resumable(run_config, fingerprint)
-    if rank == 0:  # rank 0 checks and locks the folder before any other rank writes into it
-        run.open(fingerprint, run_config.resume)
-    barrier(world)
-    if rank != 0:
-        run.open(fingerprint, run_config.resume)
-    try:
-        keep = ("ok", "oom") if run_config.keep_oom else ("ok",)
-        done = {cell_id(r["cell"]) for r in _planned_rows(task, cells) if r["status"] in keep}
-        done = done if run_config.resume else set()
-        mine = [c for i, c in enumerate(cells) if i % world == rank and cell_id(c.key) not in done]
+    with run.opened(_fingerprint(task, dtype), run_config, lambda: barrier(world)):
+        todo = _cells_to_run(task, cells, rank, world)
         started = time.time()
         interrupted = False
         try:
-            _run_cells(task, mine, len(cells), len(cells) - len(mine) if world == 1 else 0)
+            _run_cells(task, todo, len(cells), len(cells) - len(todo) if world == 1 else 0)
         except KeyboardInterrupt:
             interrupted = True
         with _signals_deferred() as deferred:  # results.json is written whole, whatever arrives meanwhile
@@ -163,8 +185,6 @@ def _execute(task_type: type[Task], run_config: RunConfig) -> Path:
                     run.merge_ranks()
                 _summarize(task, cells, started, interrupted)
         interrupted = interrupted or deferred.arrived
-    finally:
-        run.close()
     if interrupted:
         out = run.path
         console.print(f"[yellow]interrupted: finished cells are in {out}; rerun with --resume --output-dir {out}")
@@ -172,35 +192,47 @@ def _execute(task_type: type[Task], run_config: RunConfig) -> Path:
     return run.path
 
 
-def plan(task_type: type[Task], run_config: RunConfig) -> dict:
+def _try_each_method(model, setup: RunSetup) -> None:
+    """Put each patched method on the model and take it off again: its settings are checked against the model."""
+    for method in setup.methods:
+        if method.patched:
+            with applied(model, setup.settings[method.label], setup.l_pre):
+                pass
+
+
+def _cells_to_run(task: Task, cells: list[Cell], rank: int, world: int) -> list[Cell]:
+    """This rank's share of the cells, less those a resumed run finished (and, with --keep-oom, those it
+    recorded as out of memory)."""
+    run_config, done = task.ctx.run_config, set()
+    if run_config.resume:
+        keep = ("ok", "oom") if run_config.keep_oom else ("ok",)
+        done = {cell_id(r["cell"]) for r in _planned_rows(task, cells) if r["status"] in keep}
+    return [c for i, c in enumerate(cells) if i % world == rank and cell_id(c.key) not in done]
+
+
+def dry_run(task_type: type[Task], run_config: RunConfig) -> dict:
     """What a run would do, every argument checked offline and nothing loaded (a profile's dry run): the
     model's source, the dataset, L_pre, the lengths and each method's resolved settings. A hub model's L_pre
     comes from the registry or --pretraining-length (its config is on the hub); a bad value is a UserError."""
-    methods = parse_methods(run_config.method)
+    parse_methods(run_config.method)  # (errors in the order the run meets them: methods, model, dataset)
     kind, source = model_source(run_config.model)
     dataset = (
         resolve_dataset(run_config.dataset, run_config.text_field, run_config.split) if run_config.dataset else None
     )
     if dataset is not None and dataset.kind == "local":
         iter_texts(run_config.dataset, dataset)
-    l_pre = run_config.pretraining_length or pretraining_length_for(run_config.model)
-    if not l_pre and kind == "local":
-        from transformers import AutoConfig
-
-        l_pre = pretraining_length(AutoConfig.from_pretrained(source))
-    out = {
-        "command": task_type.name,
-        "model": f"{kind}:{source}",
-        "dataset": dataset and f"{dataset.kind}:{dataset.target}",
-    }
-    if not l_pre:  # (a GGUF's L_pre is read when it loads)
+    setup = resolve_task_run(task_type, run_config, (lambda: _local_config(source)) if kind == "local" else None)
+    out = {"command": task_type.name, "model": setup.model, "dataset": dataset and f"{dataset.kind}:{dataset.target}"}
+    if not setup.l_pre:  # (a GGUF's L_pre is read when it loads)
         return out | {"pretraining_length": "from the model", "lengths": run_config.lengths, "methods": None}
-    lengths = parse_lengths(run_config.lengths or task_type.default_lengths, l_pre)
-    settings = {
-        m.label: _jsonable(m.settings(l_pre, max(lengths), task_type.settings_defaults, run_config.settings))
-        for m in methods
-    }
-    return out | {"pretraining_length": l_pre, "lengths": lengths, "methods": settings}
+    settings = {label: _jsonable(s) for label, s in setup.settings.items()}
+    return out | {"pretraining_length": setup.l_pre, "lengths": setup.lengths, "methods": settings}
+
+
+def _local_config(source: str):
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(source)
 
 
 def _fingerprint(task: Task, dtype: str) -> dict:

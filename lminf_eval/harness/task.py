@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import hashlib
 from array import array
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from importlib.metadata import entry_points
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from rich.console import Console
+from ..errors import UserError
+from .console import console
+from .flags import option
 
 if TYPE_CHECKING:  # (not at run time: the CLI builds its commands from this module without torch or pandas)
     import pandas as pd
@@ -25,21 +27,13 @@ if TYPE_CHECKING:  # (not at run time: the CLI builds its commands from this mod
     from ..methods import Method
     from ..settings import Settings
     from .config import RunConfig
+    from .data import Document
     from .results import RunDir
 
-console = Console(stderr=True)
+__all__ = ["DOCUMENT_FLAGS", "Cell", "Context", "Task", "console", "option", "register_task"]  # the plug-in API
 
 # the flags of a task that reads documents (ppl, generate): a task that makes its own inputs ignores them
 DOCUMENT_FLAGS = ("dataset", "text_field", "split", "num_docs", "min_tokens")
-
-
-def option(default: Any, help: str, min: int | None = None) -> Any:
-    """A flag: its default, its help line and, for a number, the least value it accepts (every int flag
-    declares one; the CLI refuses smaller values and values of the wrong type in one line)."""
-    metadata = {"help": help} if min is None else {"help": help, "min": min}
-    if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata=metadata)
-    return field(default=default, metadata=metadata)
 
 
 @dataclass
@@ -142,9 +136,16 @@ TASKS: dict[str, type[Task]] = {}
 
 
 def register_task(cls: type[Task]) -> type[Task]:
-    """Class decorator: make `cls` a command (`lminf-eval NAME`) and a step that profiles can run."""
+    """Class decorator: make `cls` a command (`lminf-eval NAME`) and a step that profiles can run. A name is
+    taken once: another class under a registered name is refused (registering the same class again is a no-op)."""
     if not cls.name:
-        raise ValueError(f"{cls.__name__} has no name")
+        raise UserError(f"task class {cls.__name__} has no name: set `name = ...` on it")
+    taken = TASKS.get(cls.name)
+    if taken is not None and taken is not cls:
+        raise UserError(
+            f"task name {cls.name!r} of {cls.__module__}.{cls.__qualname__} is taken by "
+            f"{taken.__module__}.{taken.__qualname__}: give the task another name"
+        )
     TASKS[cls.name] = cls
     return cls
 
