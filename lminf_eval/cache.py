@@ -30,9 +30,12 @@ class LMInfiniteLayer(DynamicLayer):
         self.values = value_states.new_empty(*value_states.shape[:2], 0, value_states.shape[-1])
         self.is_initialized = True
 
-    def store(self, key_states: torch.Tensor, value_states: torch.Tensor, keep: torch.Tensor | None, slack: int):
+    def store(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, keep: torch.Tensor | None, slack: int, bound: float
+    ):
         """Append this forward's keys/values, or, when `keep` is given (the forward overflows the slack), store
-        only those slots of old + new. Returns every key/value this forward attends to."""
+        only those slots of old + new. Returns every key/value this forward attends to. The buffer never holds
+        more than `bound` slots (head + n_local + slack): an append stays within it, else `keep` is given."""
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         slots = keep
@@ -42,7 +45,7 @@ class LMInfiniteLayer(DynamicLayer):
                 keys = torch.cat((self.keys[:, :, : self.used], key_states), 2)
                 values = torch.cat((self.values[:, :, : self.used], value_states), 2)
             m, capacity = slots.numel(), slots.numel() + slack
-            if not m <= self.keys.shape[-2] <= 2 * capacity:  # (a long prompt's buffer is given back)
+            if not m <= self.keys.shape[-2] <= capacity:  # (a larger buffer, e.g. a long prompt's, is given back)
                 self.keys, self.values = self._empty(keys, capacity), self._empty(values, capacity)
             self.keys[:, :, :m] = keys.index_select(2, slots)
             self.values[:, :, :m] = values.index_select(2, slots)
@@ -50,7 +53,7 @@ class LMInfiniteLayer(DynamicLayer):
             return keys, values
         n = key_states.shape[-2]
         if self.used + n > self.keys.shape[-2]:
-            self._resize(self.used + n + slack)
+            self._resize(int(min(self.used + n + slack, max(bound, self.used + n))))
         self.keys[:, :, self.used : self.used + n] = key_states
         self.values[:, :, self.used : self.used + n] = value_states
         self.used += n
@@ -81,7 +84,8 @@ class LMInfiniteLayer(DynamicLayer):
 
 class LMInfiniteCache(Cache):
     """Bounded cache for LM-Infinite; `apply_lm_infinite` makes `generate()` and `model(..., use_cache=True)`
-    use it. Memory is at most (first-g slots + n_local + slack) per layer, whatever the text length."""
+    use it. Memory is at most (head + n_local + slack) slots per layer, whatever the text length; the head holds
+    every row's first g tokens (g slots without padding; padding in a batch can widen it)."""
 
     def __init__(self, num_layers: int, n_global: int, n_local: float, slack: int | None = None):
         super().__init__(layers=[LMInfiniteLayer() for _ in range(num_layers)])
@@ -98,7 +102,8 @@ class LMInfiniteCache(Cache):
         self.real_count: torch.Tensor | None = None  # [b] real tokens seen per row
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
-        return self.layers[layer_idx].store(key_states, value_states, self.keep_slots, self.slack)
+        bound = self.global_slots + self.n_local + self.slack
+        return self.layers[layer_idx].store(key_states, value_states, self.keep_slots, self.slack, bound)
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.seen  # positions continue from every token seen, kept or not

@@ -28,6 +28,7 @@ from .attention.positions import Alibi, Rope
 from .cache import LMInfiniteCache
 from .errors import LMInfiniteError
 from .families import FAMILIES, family_of
+from .ring_cache import LMInfiniteRingCache, check_settings
 from .rope_scaling import apply_rope_scaling
 from .settings import Settings
 
@@ -215,6 +216,9 @@ class BeforeForward:
         self.cache_name = "cache" if "cache" in self.signature.parameters else "past_key_values"
 
     def __call__(self, module, args, kwargs):
+        ring = kwargs.get(self.cache_name, kwargs.get("past_key_values"))
+        if isinstance(ring, LMInfiniteRingCache):
+            return self._ring(ring, args, kwargs)
         cache_name = self.cache_name
         bound = self.signature.bind_partial(*args, **kwargs).arguments
         bound.update(bound.pop("kwargs", {}))
@@ -237,6 +241,27 @@ class BeforeForward:
             past = cache.get_seq_length() if isinstance(cache, Cache) else 0
             plan = Plan.from_mask(mask, batch, n_new, past, settings.n_global, tokens.device)
         forward = Forward(plan, settings, self.patch.position)
+        bound["lm_infinite"] = forward
+        if self.inline:
+            self.patch.current = forward
+        return (), bound
+
+    def _ring(self, ring: LMInfiniteRingCache, args, kwargs):
+        """The ring cache's forward: no host reads on a one-token step (it compiles into one graph); the model
+        is given each token's real-token index as its position."""
+        bound = dict(kwargs) if not args else self.signature.bind_partial(*args, **kwargs).arguments
+        bound.update(bound.pop("kwargs", {}))
+        settings = self.patch.settings
+        check_settings(settings)
+        if (ring.n_global, ring.n_local) != (settings.n_global, settings.n_local):
+            raise LMInfiniteError("this ring cache was sized for other settings: build it with for_model(model)")
+        tokens = bound.get("input_ids")
+        tokens = tokens if tokens is not None else bound["inputs_embeds"]
+        batch, n_new = tokens.shape[:2]
+        layout = ring.begin(bound.get("attention_mask"), batch, n_new, tokens.device)
+        if "position_ids" in self.signature.parameters:
+            bound["position_ids"] = layout.q_idx if n_new == 1 else ring.positions
+        forward = Forward(layout, settings, self.patch.position)
         bound["lm_infinite"] = forward
         if self.inline:
             self.patch.current = forward

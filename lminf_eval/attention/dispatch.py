@@ -61,6 +61,10 @@ def lambda_attention(
     layer_idx: int = 0,
 ) -> torch.Tensor:
     """query [b, hq, Q, d], key/value [b, hk, K, d] -> output [b, hq, Q, dv] in query's dtype."""
+    from ..ring_cache import RingStep, ring_attention
+
+    if isinstance(plan, RingStep):  # a one-token step over a ring cache's g + w slots
+        return ring_attention(query, key, value, plan, settings, position, scaling)
     backend = backend_for(settings, query.device, query.dtype, position)
     if settings.log_scale_base:
         query = query * log_scale(plan.q_idx, settings.log_scale_base).to(query.dtype)[:, None, :, None]
