@@ -34,9 +34,15 @@ def truncated(method, ids: torch.Tensor, l_pre: int) -> torch.Tensor:
     return ids[..., -l_pre:] if method.truncate else ids
 
 
-def greedy(model, ids: torch.Tensor, new_tokens: int, pad_token_id: int | None) -> torch.Tensor:
-    """Exactly `new_tokens` greedy tokens (EOS suppressed until then), through the method's own cache."""
+def greedy(model, ids: torch.Tensor, new_tokens: int, pad_token_id: int | None, compile: bool = False) -> torch.Tensor:
+    """Exactly `new_tokens` greedy tokens (EOS suppressed until then), through the method's own cache;
+    `compile`: a method whose cache is bounded decodes through the ring cache with a compiled step."""
     import torch
+
+    if compile and can_compile(model):
+        from lminf_eval.ring_cache import greedy_ring
+
+        return greedy_ring(model, ids, new_tokens, suppress=model.generation_config.eos_token_id)[0]
 
     with torch.no_grad():
         out = model.generate(
@@ -49,6 +55,26 @@ def greedy(model, ids: torch.Tensor, new_tokens: int, pad_token_id: int | None) 
             pad_token_id=pad_token_id,
         )
     return out[0, ids.shape[1] :]
+
+
+def can_compile(model) -> bool:
+    """Whether `--compile` applies to the method `model` is patched with (a cache a ring can hold)."""
+    from lminf_eval.ring_cache import supports
+
+    return supports(getattr(getattr(model, "lm_infinite", None), "settings", None))
+
+
+def check_compile(ctx) -> None:
+    """`--compile` with no method it applies to is a mistake: one line naming the fix."""
+    from lminf_eval.errors import UserError
+    from lminf_eval.ring_cache import supports
+
+    if not any(supports(s) for s in ctx.settings.values()):
+        names = ", ".join(m.label for m in ctx.methods)
+        raise UserError(
+            f"--compile decodes through the ring cache, which serves methods with a bounded cache (lm-infinite, "
+            f"streaming-llm, window, lambda-only; top_k 0); none of {names} has one: add one or drop --compile"
+        )
 
 
 def slug(label: str) -> str:

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from lminf_eval.harness.data import Document
 from lminf_eval.harness.task import Cell, Task, option, register_task
 
-from .base import greedy, method_table, ok_rows, truncated
+from .base import check_compile, greedy, method_table, ok_rows, truncated
 
 ROUGE = ("rouge1", "rouge2", "rougeL")
 
@@ -31,6 +31,7 @@ def score(hypotheses: list[str], references: list[str]) -> dict:
 @dataclass
 class GenerationOptions:
     new_tokens: int = option(100, "Tokens generated and scored after each position.", min=1)
+    compile: bool = option(False, "Methods with a bounded cache decode through the ring cache, compiled.")
 
 
 @register_task
@@ -45,6 +46,8 @@ class Generation(Task):
 
     def prepare(self) -> None:
         ctx, run_config = self.ctx, self.ctx.run_config
+        if self.options.compile:
+            check_compile(ctx)
         need = max(ctx.lengths) + self.options.new_tokens
         self.docs = self.documents(run_config.num_docs, max(run_config.min_tokens or 0, need), need)
 
@@ -64,7 +67,7 @@ class Generation(Task):
         ids = cell.data.ids
         prefix = truncated(cell.method, torch.tensor([ids[:p]], device=ctx.device), ctx.l_pre)
         pad = ctx.tokenizer.pad_token_id if ctx.tokenizer.pad_token_id is not None else ctx.tokenizer.eos_token_id
-        out = greedy(ctx.model, prefix, n, pad)
+        out = greedy(ctx.model, prefix, n, pad, self.options.compile)
         decode = ctx.tokenizer.decode
         return {
             "hypothesis": decode(out, skip_special_tokens=True),

@@ -29,7 +29,7 @@ from lminf_eval.harness.intervals import Estimate, accuracy
 from lminf_eval.harness.models import shipped
 from lminf_eval.harness.task import DOCUMENT_FLAGS, Cell, Task, option, register_task
 
-from .base import greedy, method_table, ok_rows, slug, truncated
+from .base import check_compile, greedy, method_table, ok_rows, slug, truncated
 
 PREFIX = (
     "There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
@@ -229,6 +229,7 @@ class PasskeyOptions:
     value_type: str = option("number", "Needle values: number, word or uuid.")
     haystack: str = option("repeat", "repeat (the paper's filler), essay (shipped prose), or a text file.")
     new_tokens: int = option(0, "Tokens generated for the answer (0: 10 per asked number or word, 30 per uuid).", min=0)
+    compile: bool = option(False, "Methods with a bounded cache decode through the ring cache, compiled.")
 
 
 @register_task
@@ -244,6 +245,8 @@ class Passkey(Task):
 
     def prepare(self) -> None:
         options = self.options
+        if options.compile:
+            check_compile(self.ctx)
         try:
             self.depths = [float(d) for d in options.depths.split(",")] if options.depths else [None]
         except ValueError:
@@ -312,7 +315,7 @@ class Passkey(Task):
         prompt = truncated(cell.method, torch.tensor([ids], device=ctx.device), ctx.l_pre)
         pad = ctx.tokenizer.pad_token_id if ctx.tokenizer.pad_token_id is not None else ctx.tokenizer.eos_token_id
         per_value = 30 if needles.value_type == "uuid" else 10
-        out = greedy(ctx.model, prompt, options.new_tokens or per_value * len(answers), pad)
+        out = greedy(ctx.model, prompt, options.new_tokens or per_value * len(answers), pad, options.compile)
         answer = ctx.tokenizer.decode(out, skip_special_tokens=True)
         strict = len(answers) == 1 and needles.value_type == "number"
         hits = [found(answer, v, strict) for v in answers]

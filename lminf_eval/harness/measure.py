@@ -68,3 +68,49 @@ def decode_times(model, cache, token: torch.Tensor, context: int, steps: int) ->
 def median(values: list[float]) -> float:
     """The upper median (the middle of a sorted odd list, the upper middle of an even one)."""
     return sorted(values)[len(values) // 2]
+
+
+def compiled_decode_times(model, ids: torch.Tensor, steps: int, warmup: int = 3) -> list[float] | None:
+    """Seconds of each of `steps` compiled greedy decoding steps after reading `ids` [1, n] (the first `warmup`
+    steps, which compile, not counted): a method whose cache is bounded through the ring cache
+    (`lminf_eval.ring_cache`), the unpatched model through transformers' StaticCache; None for the others
+    (unbounded patched methods, and vanilla MPT/Bloom, whose own code does not compile into one graph)."""
+    from transformers import StaticCache
+
+    from lminf_eval.ring_cache import LMInfiniteRingCache, decode_step, supports
+
+    settings = getattr(getattr(model, "lm_infinite", None), "settings", None)
+    device, n = ids.device, ids.shape[1]
+    if settings is not None and settings.changes_attention:
+        if not supports(settings):
+            return None
+        cache = LMInfiniteRingCache.for_model(model)
+        step = decode_step(model)
+
+        def advance(token, i):
+            return step(token, cache)
+    elif model.config.model_type in ("mpt", "bloom"):
+        return None
+    else:
+        cache = StaticCache(config=model.config, max_cache_len=n + warmup + steps + 1)
+        compiled = torch.compile(_static_step, fullgraph=True)
+
+        def advance(token, i):
+            return compiled(model, token, cache, torch.tensor([[n + i]], device=device))
+
+    times = []
+    with torch.no_grad():
+        token = model(ids, cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1:].argmax(-1)
+        for i in range(warmup + steps):
+            sync(device)
+            t = time.perf_counter()
+            logits = advance(token, i)
+            sync(device)
+            if i >= warmup:
+                times.append(time.perf_counter() - t)
+            token = logits.argmax(-1, keepdim=True)
+    return times
+
+
+def _static_step(model, token: torch.Tensor, cache, position: torch.Tensor) -> torch.Tensor:
+    return model(input_ids=token, cache=cache, position_ids=position, use_cache=True, logits_to_keep=1).logits[:, -1]
