@@ -326,7 +326,7 @@ def ring_attention(
     bias = bias.masked_fill(~seen[:, None, None, :], -math.inf)
     if query.dtype == torch.float32:
         return torch.nn.functional.scaled_dot_product_attention(
-            query, key, value, attn_mask=bias, scale=scaling, enable_gqa=hq != key.shape[1]
+            query, key, value, attn_mask=bias, scale=scaling, enable_gqa=bool(hq != key.shape[1])
         )
     # half precision: the bias (a score difference) in fp32, so plain fp32 math
     hk, size = key.shape[1], ki.shape[1]
