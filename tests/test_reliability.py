@@ -300,3 +300,30 @@ def test_an_unwritable_fingerprint_on_resume_is_one_line(tiny, tmp_path, monkeyp
 
     monkeypatch.setattr(Path, "write_text", read_only)
     one_line(run(tiny, *PPL, "--resume", out=tmp_path), "Read-only file system")
+
+
+# --- report on hand-edited results ---------------------------------------------------------------------
+
+EDITS = {
+    "no command": lambda d: d.pop("command"),
+    "no config.model": lambda d: d["config"].pop("model"),
+    "config a list": lambda d: d.__setitem__("config", [1, 2]),
+    "tables a string": lambda d: d.__setitem__("tables", "x"),
+    "cells a number": lambda d: d.__setitem__("cells", 3),
+    "metrics a list": lambda d: d.__setitem__("metrics", [1]),
+    "a table row too short": lambda d: next(iter(d["tables"].values()))["data"].append([1]),
+    "a table not an object": lambda d: d["tables"].__setitem__("ppl", 5),
+    "status missing": lambda d: d.pop("status"),
+}
+
+
+@pytest.mark.parametrize("edit", list(EDITS))
+def test_report_on_a_hand_edited_results_json_is_one_line(tiny, tmp_path_factory, edit):
+    out = tmp_path_factory.getbasetemp() / "report-source"
+    if not (out / "results.json").exists():
+        assert run(tiny, *PPL, out=out).exit_code == 0
+    data = json.loads((out / "results.json").read_text())
+    EDITS[edit](data)
+    folder = tmp_path_factory.mktemp("edited")
+    (folder / "results.json").write_text(json.dumps(data))
+    one_line(runner.invoke(app, ["report", str(folder)]), "results.json")

@@ -20,6 +20,8 @@ def load_run(path: Path) -> Results:
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError):
         message = f"{file} is not a complete results.json (cut short?): rerun the command with --resume"
         raise UserError(message) from None
+    except ValueError as err:  # (a hand-edited file: what is wrong with it)
+        raise UserError(f"{file} is not a readable results.json ({err}): rerun the command with --resume") from None
 
 
 def corpus(run: Results) -> str | None:

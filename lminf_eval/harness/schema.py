@@ -183,7 +183,8 @@ class Results:
 
     @classmethod
     def from_dict(cls, d: dict) -> Results:
-        """KeyError or TypeError for a file that is not a complete results.json."""
+        """KeyError, TypeError or ValueError (saying what is wrong) for a file that is not a results.json."""
+        _check_shape(d)
         resolved = d.get("resolved") or {}
         return cls(
             command=d["command"],
@@ -207,3 +208,32 @@ class Results:
     @classmethod
     def from_json(cls, text: str) -> Results:
         return cls.from_dict(json.loads(text))
+
+
+def _check_shape(d) -> None:
+    """The types a reader relies on, so a hand-edited file is one message, not a failure deep in `report`."""
+    expect = {"command": str, "status": str, "config": dict, "metrics": dict, "tables": dict}
+    if not isinstance(d, dict):
+        raise ValueError("not a JSON object")
+    for name, kind in expect.items():
+        if name in d and not isinstance(d[name], kind):
+            raise ValueError(f"{name} is a {type(d[name]).__name__}, not a {kind.__name__}")
+    if not isinstance(d.get("config", {}).get("model"), str):
+        raise ValueError("config.model is missing")
+    for key in ("cells", "resolved", "versions"):
+        if d.get(key) is not None and not isinstance(d[key], dict):
+            raise ValueError(f"{key} is a {type(d[key]).__name__}, not an object")
+    for name, table in d.get("tables", {}).items():
+        if not isinstance(table, dict):
+            raise ValueError(f"table {name} is not an object")
+        rows, cols = table.get("index", []), table.get("columns", [])
+        for part in ("data", "lo", "hi", "stderr"):
+            matrix = table.get(part)
+            if matrix is None and part != "data":
+                continue
+            if (
+                not isinstance(matrix, list)
+                or len(matrix) != len(rows)
+                or any(not isinstance(r, list) or len(r) != len(cols) for r in matrix)
+            ):
+                raise ValueError(f"table {name}: {part} is not {len(rows)} rows of {len(cols)} values")
