@@ -153,7 +153,7 @@ class Diagnose(Task):
         edges, n = r["edges"], self.ctx.l_pre
         marks = [m for m in (n // 2, n, 2 * n, 4 * n, 8 * n) if m <= edges[-1] * 2]
         logit, entropy, sink = {}, {}, {}
-        rows_used = f"on position 0 ({SINK_FROM}..{min(n, max(self.ctx.lengths))})"  # (the queries it averaged)
+        rows_used = f"on position 0 ({SINK_FROM}..{max(SINK_FROM + 1, min(n, max(self.ctx.lengths)))})"  # (as Stats)
         for layer, grid in r["max_logit"].items():
             per_head = np.maximum.accumulate(np.array(grid), axis=1)  # max within distance <= bucket end
             for m in marks:
