@@ -15,7 +15,6 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from lminf_eval.errors import UserError
-from lminf_eval.families import FAMILIES
 from lminf_eval.harness.task import Cell, Task, console, register_task
 from lminf_eval.settings import FLAG_NAMES
 
@@ -102,6 +101,8 @@ class Diagnose(Task):
         ctx = self.ctx
         if any(m.name != "vanilla" for m in ctx.methods):
             console.print("[yellow]diagnose studies the unmodified model: methods other than vanilla are ignored")
+        from lminf_eval.families import FAMILIES  # (here: the families import torch, --help must not)
+
         family = FAMILIES.get(ctx.model.config.model_type)
         if family is not None and not family.registry_attention:
             raise UserError("diagnose reads attention through transformers' registry: use a RoPE model")
