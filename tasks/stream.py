@@ -60,9 +60,18 @@ def stream_nll(model, ids: torch.Tensor, chunk: int, report_every: int) -> dict:
 
 def bounded_methods(l_pre: int) -> list[str]:
     """The methods whose cache stays bounded (drops keys), as presets: the ones a stream can run."""
+    from lminf_eval.errors import LMInfiniteError
     from lminf_eval.methods import PRESETS, parse_method
 
-    return [n for n in PRESETS if (s := parse_method(n).settings(l_pre, l_pre)) is not None and s.bounded]
+    out = []
+    for name in PRESETS:
+        try:  # (a preset whose defaults do not fit this L_pre, e.g. STRING on a tiny model, is not offered)
+            settings = parse_method(name).settings(l_pre, l_pre)
+        except LMInfiniteError:
+            continue
+        if settings is not None and settings.bounded:
+            out.append(name)
+    return out
 
 
 @dataclass
