@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import traceback
 from pathlib import Path
 
 import pytest
@@ -119,7 +120,7 @@ def test_ruler_niah_runs_offline_once_per_length(tmp_path):
     args = ["lm-eval", "--model", "tiny-rope", "--method", "vanilla,truncate", "--tasks", "niah_single_1"]
     args += ["--lengths", "512,1024", "--limit", "1", "--max-gen-toks", "4", "--log-samples"]
     res = runner.invoke(app, [*args, "--output-dir", str(tmp_path)])
-    assert res.exit_code == 0, res.output
+    assert res.exit_code == 0, res.output + "".join(traceback.format_exception(*res.exc_info))
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["status"] == "complete" and results["cells"]["planned"] == 4  # method x length
     table = results["tables"]["niah_single_1"]  # RULER's unasked default lengths (-1) are left out
