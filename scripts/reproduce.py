@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from lminf_eval.harness.report import build_report  # noqa: E402
-from lminf_eval.harness.schema import Results  # noqa: E402
+from lminf_eval.harness.schema import Results, as_typed  # noqa: E402
 from lminf_eval.harness.view import write_page  # noqa: E402
 
 
@@ -87,7 +87,7 @@ def changed(folder: Path, args: list[str]) -> bool:
     before results.json kept the argv count as unchanged)."""
     done = folder / "results.json"
     argv = json.loads(done.read_text()).get("argv") if done.exists() else None
-    return argv is not None and run_config(_without_output(argv)[1:]) != run_config(args)
+    return argv is not None and run_config(as_typed(argv)[1:]) != run_config(args)
 
 
 def run_step(folder: Path, args: list[str]) -> None:
@@ -106,19 +106,6 @@ def run_step(folder: Path, args: list[str]) -> None:
     subprocess.run(cmd, cwd=ROOT, check=True)
 
 
-def _without_output(argv: list[str]) -> list[str]:
-    """The command as a user would type it: without the folder and resume flags a profile adds."""
-    out, skip = [], False
-    for arg in argv:
-        if skip:
-            skip = False
-        elif arg == "--output-dir":
-            skip = True
-        elif arg != "--resume":
-            out.append(arg)
-    return out
-
-
 def _shown(folder: Path) -> Path:
     """A folder as TABLES.md names it: relative to the repository when inside it."""
     return folder.relative_to(ROOT) if folder.resolve().is_relative_to(ROOT) else folder
@@ -135,7 +122,7 @@ def collect(out: Path, profile: str, steps: dict[str, list[str]]) -> None:
         res = Results.from_json((folder / "results.json").read_text())
         v = res.versions
         if res.argv:
-            command = shlex.join(_without_output(res.argv))
+            command = shlex.join(as_typed(res.argv))
         elif steps.get(folder.name, [None])[0] == res.command:  # (written before results.json kept the argv)
             command = shlex.join(["lminf-eval", *steps[folder.name]])
         else:

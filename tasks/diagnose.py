@@ -34,12 +34,17 @@ def bucket_edges(n: int) -> list[int]:
     return [0] + [2**b for b in range(int(math.log2(max(n, 2))) + 1)]
 
 
+def sink_rows(n: int, l_pre: int) -> tuple[int, int]:
+    """The queries [lo, hi) whose attention on position 0 is averaged: from SINK_FROM, inside the training window."""
+    return SINK_FROM, max(SINK_FROM + 1, min(n, l_pre))
+
+
 class Stats:
     """Per layer: max logit per (head, distance bucket) and mean entropy per query position."""
 
     def __init__(self, layers: set[int], n: int, l_pre: int, block: int = BLOCK):
         self.layers, self.n, self.block = layers, n, block
-        self.sink_rows = (SINK_FROM, max(SINK_FROM + 1, min(n, l_pre)))  # inside the training window
+        self.sink_rows = sink_rows(n, l_pre)
         self.nb = len(bucket_edges(n))
         self.max_logit: dict[int, torch.Tensor] = {}
         self.entropy: dict[int, torch.Tensor] = {}
@@ -154,7 +159,7 @@ class Diagnose(Task):
         edges, n = r["edges"], self.ctx.l_pre
         marks = [m for m in (n // 2, n, 2 * n, 4 * n, 8 * n) if m <= edges[-1] * 2]
         logit, entropy, sink = {}, {}, {}
-        rows_used = f"on position 0 ({SINK_FROM}..{max(SINK_FROM + 1, min(n, max(self.ctx.lengths)))})"  # (as Stats)
+        rows_used = "on position 0 ({}..{})".format(*sink_rows(max(self.ctx.lengths), n))
         for layer, grid in r["max_logit"].items():
             per_head = np.maximum.accumulate(np.array(grid), axis=1)  # max within distance <= bucket end
             for m in marks:

@@ -1,6 +1,8 @@
 import sys
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).parent))
 
 try:  # nltk (RULER's data prep) binds `print_error_to=sys.stderr` when first imported: make that the real
@@ -9,3 +11,11 @@ try:  # nltk (RULER's data prep) binds `print_error_to=sys.stderr` when first im
     import nltk.downloader  # noqa: F401
 except ImportError:
     pass
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory):
+    """The tiny checkpoint and corpus every CLI test runs on (`fixtures.tiny_files`)."""
+    import fixtures
+
+    return fixtures.tiny_files(tmp_path_factory.mktemp("tiny"))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import random
 from pathlib import Path
+from types import SimpleNamespace
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
@@ -57,3 +58,31 @@ def corpus(path: Path, docs: int = 3, sentences_per_doc: int = 120) -> Path:
     for i in range(docs):
         (path / f"doc{i}.txt").write_text(sentences(sentences_per_doc, seed=i + 1))
     return path
+
+
+def tiny_files(root: Path) -> SimpleNamespace:
+    """A Llama checkpoint (L_pre 32) and a corpus of 3 documents of ~5k tokens under `root`."""
+    return SimpleNamespace(model=checkpoint(root / "model"), data=corpus(root / "corpus"))
+
+
+def takes(command: str, flag: str) -> bool:
+    """Whether `lminf-eval COMMAND` has `--flag` (a task's command lists only the flags it reads)."""
+    from lminf_eval.harness.task import TASKS
+
+    task_type = TASKS.get(command)
+    return task_type is None or flag.lstrip("-").replace("-", "_") not in task_type.ignores
+
+
+def run(tiny: SimpleNamespace, *args, out=None):
+    """`lminf-eval ARGS` in this process on the tiny files: model, corpus and --n-global 4 added where the
+    command reads them and `args` do not give them."""
+    from typer.testing import CliRunner
+
+    from lminf_eval.harness.cli import app
+
+    base = ["--model", tiny.model, "--dataset", tiny.data, "--n-global", "4"]
+    pairs = zip(base[::2], base[1::2], strict=True)
+    base = [x for flag, value in pairs if takes(args[0], flag) and flag not in args for x in (flag, value)]
+    if out is not None:
+        base += ["--output-dir", out]
+    return CliRunner().invoke(app, [str(a) for a in (*args, *base)])

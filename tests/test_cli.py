@@ -14,6 +14,7 @@ import fixtures
 import pandas as pd
 import pytest
 import torch
+from fixtures import run, takes
 from lminf_eval.tasks import ppl as ppl_task
 from lminf_eval.tasks.base import method_table
 from lminf_eval.tasks.generate import score
@@ -25,31 +26,6 @@ from lminf_eval.harness.cli import app
 from lminf_eval.methods import parse_methods
 
 runner = CliRunner()
-
-
-@pytest.fixture(scope="session")
-def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny")
-    return SimpleNamespace(
-        model=fixtures.checkpoint(root / "model"),  # Llama, L_pre 32
-        data=fixtures.corpus(root / "corpus"),  # 3 documents of ~5k tokens
-    )
-
-
-def takes(command: str, flag: str) -> bool:
-    """Whether `lminf-eval COMMAND` has `--flag` (a task's command lists only the flags it reads)."""
-    from lminf_eval.harness.task import TASKS
-
-    task_type = TASKS.get(command)
-    return task_type is None or flag.lstrip("-").replace("-", "_") not in task_type.ignores
-
-
-def run(tiny, *args, out=None):
-    base = ["--model", tiny.model, "--dataset", tiny.data, "--n-global", "4"]
-    base = [x for flag, value in zip(base[::2], base[1::2], strict=True) if takes(args[0], flag) for x in (flag, value)]
-    if out is not None:
-        base += ["--output-dir", out]
-    return runner.invoke(app, [str(a) for a in (*args, *base)])
 
 
 def load(out: Path):

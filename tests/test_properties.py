@@ -6,10 +6,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from types import SimpleNamespace
 
-import fixtures
-import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
@@ -40,12 +37,6 @@ FLAGS = st.fixed_dictionaries(
         "--top-k": st.integers(-1, 3),
     },
 )
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny-properties")
-    return SimpleNamespace(model=fixtures.checkpoint(root / "model"), data=fixtures.corpus(root / "corpus"))
 
 
 def check(res, out: Path) -> None:

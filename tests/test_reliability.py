@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from types import SimpleNamespace
 
-import fixtures
 import pytest
 import torch
+from fixtures import run
 from typer.testing import CliRunner
 
 import lminf_eval
@@ -17,21 +16,6 @@ from lminf_eval.harness.cli import app
 from models import L_PRE, tiny_model
 
 runner = CliRunner()
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny-reliability")
-    return SimpleNamespace(model=fixtures.checkpoint(root / "model"), data=fixtures.corpus(root / "corpus"))
-
-
-def run(tiny, *args, out: Path | None = None):
-    base = ["--model", tiny.model] if "--model" not in args else []
-    base += ["--n-global", "4"] if args[0] != "diagnose" else []  # (diagnose studies the unmodified model)
-    base += ["--dataset", tiny.data] if args[0] in ("ppl", "generate", "stream", "diagnose") else []
-    if out is not None:
-        base += ["--output-dir", out]
-    return runner.invoke(app, [str(a) for a in (*args, *base)])
 
 
 def one_line(res, expected: str, mid_run: bool = False) -> None:

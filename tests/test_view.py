@@ -11,31 +11,15 @@ import shutil
 import subprocess
 from html.parser import HTMLParser
 from pathlib import Path
-from types import SimpleNamespace
 
-import fixtures
 import numpy as np
 import pytest
+from fixtures import run
 from typer.testing import CliRunner
 
 from lminf_eval.harness.cli import app
-from lminf_eval.harness.task import TASKS
 
 runner = CliRunner()
-
-
-def takes(command: str, flag: str) -> bool:
-    """Whether `lminf-eval COMMAND` has `--flag` (a task's command lists only the flags it reads)."""
-    task_type = TASKS.get(command)
-    return task_type is None or flag.lstrip("-").replace("-", "_") not in task_type.ignores
-
-
-def run(tiny, *args, out=None):
-    base = ["--model", tiny.model, "--dataset", tiny.data, "--n-global", "4"]
-    base = [x for flag, value in zip(base[::2], base[1::2], strict=True) if takes(args[0], flag) for x in (flag, value)]
-    if out is not None:
-        base += ["--output-dir", out]
-    return runner.invoke(app, [str(a) for a in (*args, *base)])
 
 
 RUNS = {  # folder -> the command's arguments (tiny: L_pre 32, a byte-level tokenizer)
@@ -49,10 +33,9 @@ RUNS = {  # folder -> the command's arguments (tiny: L_pre 32, a byte-level toke
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def runs(tiny, tmp_path_factory):
     """One tiny run of each task in one profile-like folder."""
     root = tmp_path_factory.mktemp("view")
-    tiny = SimpleNamespace(model=fixtures.checkpoint(root / "model"), data=fixtures.corpus(root / "corpus"))
     profile = root / "profile"
     for name, args in RUNS.items():
         res = run(tiny, *args, out=profile / name)

@@ -210,6 +210,19 @@ class Results:
         return cls.from_dict(json.loads(text))
 
 
+def as_typed(argv: list[str]) -> list[str]:
+    """A run's command line as a user would type it: without the --output-dir and --resume a profile adds."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--output-dir":
+            skip = True
+        elif arg != "--resume":
+            out.append(arg)
+    return out
+
+
 def _check_shape(d) -> None:
     """The types a reader relies on, so a hand-edited file is one message, not a failure deep in `report`."""
     expect = {"command": str, "status": str, "config": dict, "metrics": dict, "tables": dict}

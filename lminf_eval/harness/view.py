@@ -19,7 +19,7 @@ import numpy as np
 from ..errors import UserError
 from .report import corpus, documents, load_run
 from .results import RunDir
-from .schema import Results, Table, format_cell, format_number
+from .schema import Results, Table, as_typed, format_cell, format_number
 
 MAX_POINTS = 300  # points per curve: a bin of positions averaged per point
 DOC_POINTS = 150  # per document curve in the samples browser
@@ -604,15 +604,7 @@ def command_line(results: Results) -> str:
     """The command as a user would type it (without where it wrote); older folders kept no argv."""
     if not results.argv:
         return f"lminf-eval {results.command} … (command line not recorded in this folder; flags below)"
-    out, skip = [], False
-    for arg in results.argv:
-        if skip:
-            skip = False
-        elif arg == "--output-dir":
-            skip = True
-        elif arg != "--resume":
-            out.append(arg)
-    return shlex.join(out)
+    return shlex.join(as_typed(results.argv))
 
 
 def provenance(run: Run) -> str:
