@@ -230,6 +230,26 @@ def test_flex_path_matches_reference(name, preset, monkeypatch):
     assert_flex_matches_reference(model, ids, mask, monkeypatch, chunks)
 
 
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+@pytest.mark.parametrize("name,preset", [("llama", "lm-infinite"), ("gptj", "lm-infinite"), ("mpt", "lm-infinite")])
+def test_flex_unpadded_prompt_takes_arithmetic_masks_kept_across_forwards(name, preset, monkeypatch):
+    """One unpadded sequence: the mask functions are arithmetic on (q, k) and the block masks are built once
+    for two forwards of the same shape; the logits are the reference's, in one forward and through the cache
+    (whose later chunks have gaps: the per-forward masks)."""
+    from lminf_eval.attention import flex
+
+    built, real_build = [], flex.create_block_mask
+    monkeypatch.setattr(flex, "create_block_mask", lambda *a, **k: built.append(a[1:]) or real_build(*a, **k))
+    flex._MASKS.clear()
+    model = apply_lm_infinite(tiny_model(name), n_global=G, backend="flex", **lm_kwargs(name))
+    ids, mask = left_padded([8 * L_PRE], 8 * L_PRE, seed=5)
+    assert_flex_matches_reference(model, ids, mask, monkeypatch, [(0, 37), (37, 38), (38, 8 * L_PRE)])
+    masks = len(built)
+    logits(model, ids, mask)  # the same shape again: no mask built
+    assert masks and len(built) == masks
+    assert len(flex._MASKS) >= 1
+
+
 def test_ceiling_only_differs_from_vanilla_past_the_window():
     """Guards the reference itself: the ceiling must change scores that vanilla computes differently."""
     model = tiny_model("llama")

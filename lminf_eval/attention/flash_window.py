@@ -52,22 +52,11 @@ def uses_flash(query: torch.Tensor) -> bool:
     return query.is_cuda and query.dtype in HALF and kernel_available()
 
 
-def contiguous(plan: Plan) -> bool:
-    """Every key slot real and slot j holding token j in every row (no padding, no cache gaps); worked out once
-    per forward (one host sync)."""
-    memo_key = ("flash-window-contiguous",)
-    if memo_key not in plan.memo:
-        n_k = plan.k_idx.shape[1]
-        plain = bool(plan.k_valid.all()) and bool((plan.k_idx == torch.arange(n_k, device=plan.k_idx.device)).all())
-        plan.memo[memo_key] = plain
-    return plan.memo[memo_key]
-
-
 def unsupported(plan: Plan, settings: Settings, position) -> str | None:
     """None when this backend computes the forward exactly, else why not (the caller takes another backend)."""
     if settings.n_local > settings.limit_distance:
         return "ceiling inside the window"
-    if not contiguous(plan):
+    if not plan.is_contiguous():
         return "padded or gapped plan"
     return None
 

@@ -93,6 +93,15 @@ class Plan:
             self.memo_bytes += nbytes
         return value
 
+    def is_contiguous(self) -> bool:
+        """Every key slot real and slot j holding token j in every row (no padding, no cache gaps): the plan of
+        an unpadded prompt, whose masks are arithmetic on positions. Worked out once per forward (one host sync)."""
+        if "contiguous" not in self.memo:
+            n_k = self.k_idx.shape[1]
+            slots = torch.arange(n_k, device=self.k_idx.device)
+            self.memo["contiguous"] = bool(self.k_valid.all()) and bool((self.k_idx == slots).all())
+        return self.memo["contiguous"]
+
     @classmethod
     def build(cls, k_idx: torch.Tensor, k_valid: torch.Tensor, n_q: int, n_global: int, head: int = 0) -> Plan:
         """Global slots = `head` (a cache's kept slots), extended to cover every slot holding a first-g token."""
