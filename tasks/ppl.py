@@ -1,7 +1,10 @@
 """Per-position perplexity (paper Table 1, Fig. 3/5): one forward per document, every position's NLL kept.
 
 "Perplexity at L" is exp of the mean NLL over the bucket of positions just before L, across the documents
-long enough to reach it. (One unbounded stream read chunk by chunk is the `stream` task.)
+long enough to reach it, each read by a forward of length L. One forward of the whole document serves every
+L for a method whose rotation does not depend on the forward's length (a causal model scores a prefix the
+same in any longer forward); dynamic NTK's does, so it reads the document once per milestone (`per_length_nll`).
+(One unbounded stream read chunk by chunk is the `stream` task.)
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import numpy as np
 from lminf_eval.harness.data import Document
 from lminf_eval.harness.intervals import Estimate, bootstrap_mean
 from lminf_eval.harness.task import Cell, Task, console, option, register_task
+from lminf_eval.rope_scaling import LENGTH_DEPENDENT, reset_dynamic_rope
 
 from .base import method_table, ok_rows
 
@@ -58,6 +62,53 @@ def strided_nll(model, ids: torch.Tensor, window: int) -> torch.Tensor:
     return nll
 
 
+def bucket_span(length: int, bucket: int) -> tuple[int, int]:
+    """The NLL indices of "perplexity at `length`": targets length-bucket .. length-1 (target p at index p-1)."""
+    return max(0, length - bucket - 1), length - 1
+
+
+def length_dependent(settings) -> bool:
+    """Whether a method's rotation depends on the length of the forward (transformers' dynamic NTK): its
+    perplexity at L needs a forward of length L. PI and YaRN take a run-wide factor, the kernel's rules a
+    distance per pair: one forward serves every length for them."""
+    return settings is not None and settings.rope_type in LENGTH_DEPENDENT
+
+
+def forward_lengths(lengths: list[int], n: int, l_pre: int) -> list[int]:
+    """The forwards a length-dependent RoPE reads a document of `n` tokens with: one per milestone it reaches
+    and one of the whole document, those at or below L_pre merged into the longest of them (the base there is
+    L_pre's, transformers' threshold being `length > L_pre`, and a prefix scores the same in a longer forward)."""
+    wanted = sorted({m for m in lengths if m <= n} | {n})
+    inside = [m for m in wanted if m <= l_pre]
+    return inside[-1:] + [m for m in wanted if m > l_pre]
+
+
+def per_length_nll(
+    model, ids: torch.Tensor, lengths: list[int], l_pre: int, bucket: int
+) -> tuple[torch.Tensor, dict[int, torch.Tensor], list[int]]:
+    """(NLL of the whole document, {milestone: its bucket's NLL}, the forwards' lengths) for a method whose
+    rotation follows the forward's length: each milestone's bucket from a forward of the document cut to that
+    milestone, the whole document's NLL (the curve, "overall") from a forward of all of it."""
+    n = ids.shape[1]
+    forwards = forward_lengths(lengths, n, l_pre)
+    buckets, whole = {}, None
+    for f in forwards:
+        reset_dynamic_rope(model)  # the base of this forward's length, not of the longest one before it
+        part = token_nll(model, ids[:, :f])
+        for m in lengths:
+            if m <= n and min(x for x in forwards if x >= m) == f:
+                lo, hi = bucket_span(m, bucket)
+                buckets[m] = part[lo:hi]
+        if f == n:
+            whole = part
+    reset_dynamic_rope(model)
+    return whole, buckets, forwards
+
+
+def _rounded(nll: torch.Tensor) -> list[float | None]:
+    return [round(x, 4) if math.isfinite(x) else None for x in nll.tolist()]
+
+
 def _metric(nll: Estimate, ppl: Estimate) -> dict:
     """One cell of results.json's metrics: the numbers and their 95% intervals (null with one document)."""
     return {"ppl": float(ppl), "nll": float(nll), "ppl_ci95": [ppl.lo, ppl.hi], "nll_ci95": [nll.lo, nll.hi]}
@@ -88,21 +139,39 @@ class Perplexity(Task):
             )
         self.docs = self.documents(run_config.num_docs, run_config.min_tokens or max_len, max_len)
 
+    def per_length(self) -> list[str]:
+        """The methods read once per milestone (`length_dependent`)."""
+        return [m.label for m in self.ctx.methods if length_dependent(self.ctx.settings[m.label])]
+
+    def fingerprint(self) -> dict:
+        # (absent when no method is read per length: such a run computes what it did before this existed)
+        return {"per_length": self.per_length()} if self.per_length() else {}
+
     def cells(self) -> list[Cell]:
-        return [Cell({"method": m.label, "doc": d.id}, m, d, len(d.ids)) for m in self.ctx.methods for d in self.docs]
+        ctx, per_length = self.ctx, set(self.per_length())
+
+        def tokens(m, d) -> int:
+            n = len(d.ids)
+            return sum(forward_lengths(ctx.lengths, n, ctx.l_pre)) if m.label in per_length else n
+
+        return [Cell({"method": m.label, "doc": d.id}, m, d, tokens(m, d)) for m in ctx.methods for d in self.docs]
 
     def run_cell(self, cell) -> dict:
         import torch
 
         ctx = self.ctx
         ids = torch.tensor([cell.data.ids], device=ctx.device)
+        extra = {}
         if cell.method.truncate:
             nll = strided_nll(ctx.model, ids, ctx.l_pre)
+        elif length_dependent(ctx.settings[cell.method.label]):
+            nll, buckets, forwards = per_length_nll(ctx.model, ids, ctx.lengths, ctx.l_pre, self.bucket())
+            extra = {"forwards": forwards, "per_length": {str(m): _rounded(v) for m, v in buckets.items()}}
         else:
             nll = token_nll(ctx.model, ids)
-        if not torch.isfinite(nll).all():
+        if not torch.isfinite(nll).all() or any(None in v for v in extra.get("per_length", {}).values()):
             console.print(f"[yellow]{cell.method.label} {cell.data.id}: non-finite NLL (kept as NaN)")
-        return {"tokens": ids.shape[1], "nll": [round(x, 4) if math.isfinite(x) else None for x in nll.tolist()]}
+        return {"tokens": ids.shape[1], "nll": _rounded(nll), **extra}
 
     # --- summaries -------------------------------------------------------------------------------
 
@@ -113,6 +182,12 @@ class Perplexity(Task):
     def _lengths(rows, label: str) -> np.ndarray:
         """Targets scored per document of `label`, in `curves`' row order."""
         return np.array([len(r["nll"]) for r in ok_rows(rows) if "nll" in r and r["cell"]["method"] == label])
+
+    @staticmethod
+    def _own_buckets(rows, label: str) -> list[dict | None]:
+        """Per document of `label`, in `curves`' row order: its buckets from forwards of each milestone's length
+        (a method read per length), or None (every bucket from the one forward of the document)."""
+        return [r.get("per_length") for r in ok_rows(rows) if "nll" in r and r["cell"]["method"] == label]
 
     def curves(self, rows) -> dict[str, np.ndarray]:
         """method -> [docs, positions] NLL matrix, NaN past each document's end (target position p = index+1)."""
@@ -138,12 +213,16 @@ class Perplexity(Task):
         metrics = {}
         for label, mat in self.curves(rows).items():
             metrics[label] = {}
-            n_targets = self._lengths(rows, label)
+            n_targets, own = self._lengths(rows, label), self._own_buckets(rows, label)
             for length in lengths:
-                lo, hi = max(0, length - b - 1), length - 1  # targets length-b .. length-1
-                vals = mat[n_targets >= hi, lo:hi]  # the documents that reach `length`
+                lo, hi = bucket_span(length, b)
+                reach = n_targets >= hi  # the documents that reach `length`
+                vals = mat[reach, lo:hi]
                 if not vals.size:
                     continue
+                for k, i in enumerate(np.flatnonzero(reach)):  # a method read per length: its own forward's bucket
+                    if own[i] is not None:
+                        vals[k] = np.array(own[i][str(length)], dtype=float)
                 bad = int(np.isnan(vals).any(axis=1).sum())  # non-finite NLL (stored as null)
                 if bad:  # marked, not dropped: methods are never compared on different documents
                     ppl[label, length] = nll_tab[label, length] = "NaN"
@@ -167,6 +246,9 @@ class Perplexity(Task):
             "nll": method_table(nll_tab, self.labels, cols, oom=oom),
         }
         metrics["bucket_size"] = b
+        per_length = [label for label in self.labels if any(r is not None for r in self._own_buckets(rows, label))]
+        if per_length:
+            metrics["per_length"] = per_length  # read once per milestone (the others: one forward per document)
         return metrics, tables
 
     def _estimates(self, mean: float, sums, counts) -> tuple[Estimate, Estimate]:

@@ -252,7 +252,7 @@ def _fingerprint(task: Task, dtype: str) -> dict:
         "methods": {label: _jsonable(s) for label, s in ctx.settings.items()},
         "seed": run_config.seed,
         "options": asdict(task.options),
-    }
+    } | task.fingerprint()
 
 
 @contextmanager

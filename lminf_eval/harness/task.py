@@ -108,6 +108,11 @@ class Task:
             run_config.split,
         )
 
+    def fingerprint(self) -> dict:
+        """What else changes this task's numbers, beyond its flags and data (a resumed run must match it); a
+        key is added only where it applies, so an older run without it still resumes."""
+        return {}
+
     def data_digest(self) -> str | None:
         """A hash of the data the cells read, so a resumed run can check it reads the same: by default the
         documents a task keeps in `self.docs` (None for a task that generates its inputs from the seed)."""
