@@ -53,9 +53,9 @@ bench: setup
 	$(PY) bench/bench_tensor_memory.py
 	$(PY) bench/bench_profile.py
 
-## bench-gpu: the same comparison on a CUDA GPU (Llama-2-7B shape, random bf16 weights); needs a CUDA torch
+## bench-gpu: prefill, attention and decode on a CUDA GPU (Llama-2-7B shape, random bf16 weights; <= 8 min); docs/gpu.md
 bench-gpu:
-	python3 bench/bench_cuda.py --profile
+	python3 bench/bench_cuda.py
 
 ## data: rebuild data/arxiv-sample and data/web-sample from Debian packages
 data: setup

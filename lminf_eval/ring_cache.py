@@ -211,6 +211,9 @@ class LMInfiniteRingCache(Cache):
             self.slot_idx = torch.zeros(batch, self.size, dtype=torch.long, device=device)
             self.slot_valid = torch.zeros(batch, self.size, dtype=torch.bool, device=device)
             self.seen = torch.zeros((), dtype=torch.long, device=device)
+            if not torch.compiler.is_compiling():  # updated in place by every step: CUDA graphs need fixed addresses
+                for t in (self.count, self.slot_idx, self.slot_valid, self.seen):
+                    torch._dynamo.mark_static_address(t)
         if n_new == 1:
             return self._begin_step(attention_mask, batch)
         return self._begin_prefill(attention_mask, batch, n_new)
@@ -254,7 +257,7 @@ class LMInfiniteRingCache(Cache):
         slots = self.slot_of(new_idx[rows, cols])
         self.slot_idx[rows, slots] = new_idx[rows, cols]
         self.slot_valid[rows, slots] = True
-        self.count = after
+        self.count.copy_(after)
         self.seen.add_(n_new)
         self.step = RingPrefill(order, rows, cols, slots)
         self.stored = True

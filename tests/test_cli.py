@@ -44,6 +44,9 @@ def test_ppl_end_to_end(tiny, tmp_path):
     assert results["argv"][:2] == ["lminf-eval", "ppl"] and results["argv"][-2:] == ["--n-global", "4"]
     settings = [m["settings"] for m in results["resolved"]["methods"]]
     assert settings[0] is None and settings[1]["n_global"] == 4 and settings[1]["n_local"] == 32
+    # which attention path ran, per method (vanilla runs the model's own attention: none of ours)
+    assert list(results["attention_paths"]) == ["lm-infinite"]
+    assert set(results["attention_paths"]["lm-infinite"]) == {"blocks"}
     assert len(samples) == 4 and all(len(s["nll"]) == s["tokens"] - 1 == 255 for s in samples)
     table = pd.read_csv(tmp_path / "ppl.csv", index_col=0)
     assert list(table.index) == ["vanilla", "lm-infinite"] and list(table.columns) == ["32", "64", "256", "overall"]

@@ -1,6 +1,7 @@
-"""The compiled FlexAttention path on a CUDA device against the O(n^2) reference (skipped without a GPU).
-
-The CPU suite runs flex.py eagerly; only here does it run as it does for users: compiled, block-sparse.
+"""The CUDA-only paths against the O(n^2) reference (skipped without a GPU): compiled block-sparse FlexAttention,
+the flash-window backend's flash call (PyTorch's sliding-window FlashAttention-2) and its compiled far branch, and
+the ring cache's decode step compiled with CUDA graphs. The CPU suite runs each of them with a reference kernel or
+eagerly (test_core.py, test_flash_window.py, test_ring_cache.py); only here do they run as they do for users.
 """
 
 from __future__ import annotations
@@ -76,7 +77,82 @@ def test_compiled_flex_generate_equals_cpu(name):
     assert torch.equal(new, greedy_by_reforward(cpu, ids, steps))
 
 
-@pytest.mark.parametrize("backend", ["flex", "blocks"])
+@pytest.mark.parametrize("name", ["llama", "mpt"])
+def test_compiled_flex_unpadded_prompt(name, monkeypatch):
+    """One unpadded sequence: the arithmetic masks, kept across forwards, compiled."""
+    model = on_cuda(name, n_global=G, backend="flex", **lm_kwargs(name))
+    ids, mask = left_padded([8 * L_PRE], 8 * L_PRE, seed=5)
+    assert_flex_matches_reference(model, ids.cuda(), mask.cuda(), monkeypatch, [(0, 37), (37, 8 * L_PRE)])
+
+
+@pytest.mark.parametrize("backend", ["flex", "blocks", "flash-window"])
 def test_bf16_kernel_matches_reference(backend):
-    """The flex path and the FlashAttention-2 blocks in bf16."""
+    """The flex path, the FlashAttention-2 blocks and the flash-window backend in bf16 (auto's CUDA choice)."""
+    from lminf_eval.attention import dispatch
+
+    dispatch.paths_run(reset=True)
     assert_bf16_kernel_matches_reference("cuda", backend)
+    if backend == "flash-window":
+        assert set(dispatch.paths_run()) == {"flash-window (CUDA flash)"}
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("w,n_q", [(37, 300), (37, 100), (math.inf, 300)])
+def test_flash_window_call_equals_reference_window(w, n_q, dtype):
+    """The flash call alone against the CPU's reference window branch: causal over the last w keys, its LSE,
+    GQA 4:2, queries that are the last n_q of 300 keys (a chunk after earlier ones)."""
+    from lminf_eval.attention import flash_window
+
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 4, n_q, 64, generator=gen)
+    k, v = (torch.randn(2, 2, 300, 64, generator=gen) for _ in range(2))
+    assert flash_window.uses_flash(q.cuda().to(dtype))
+    out, lse = flash_window.window_attention(*(t.cuda().to(dtype) for t in (q, k, v)), w, 0.125)
+    ref_out, ref_lse = flash_window.window_reference(q, k, v, w, 0.125)
+    torch.testing.assert_close(lse.float().cpu(), ref_lse, atol=2e-2, rtol=0)
+    torch.testing.assert_close(out.float().cpu(), ref_out, atol=2e-2, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["llama", "gptj", "qwen3"])
+def test_flash_window_model_in_half_precision(name):
+    """A whole tiny model in fp16 on the GPU takes the flash call (and the inductor-compiled far branch) and
+    gives the fp32 CPU model's logits up to half-precision rounding."""
+    from lminf_eval.attention import dispatch
+
+    kw = dict(n_global=G, **lm_kwargs(name))
+    cpu = apply_lm_infinite(tiny_model(name), backend="blocks", **kw)
+    gpu = apply_lm_infinite(tiny_model(name).half().cuda(), **kw)
+    ids = torch.randint(1, VOCAB, (2, 9 * L_PRE), generator=torch.Generator().manual_seed(1))
+    dispatch.paths_run(reset=True)
+    with torch.no_grad():
+        ours = gpu(ids.cuda()).logits.float().cpu()
+        ref = cpu(ids).logits
+    assert set(dispatch.paths_run()) == {"flash-window (CUDA flash)"}
+    torch.testing.assert_close(ours, ref, atol=5e-2, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["llama", "mpt"])
+def test_ring_decode_compiled_with_cuda_graphs(name):
+    """The ring's decode step compiled by inductor with CUDA graphs: 3w + 1 steps that wrap the ring, no graph
+    break, one graph, no recompile, the eager ring's tokens."""
+    from torch._dynamo.utils import counters
+
+    from lminf_eval.ring_cache import LMInfiniteRingCache, decode_step
+
+    torch._dynamo.reset()
+    counters.clear()
+    model = on_cuda(name, n_global=G, **lm_kwargs(name))
+    ids, mask = (t.cuda() for t in left_padded([20, 17], 20, seed=2))
+    compiled_ring, eager_ring = LMInfiniteRingCache.for_model(model), LMInfiniteRingCache.for_model(model)
+    compiled, eager = decode_step(model), decode_step(model, compile=False)
+    with torch.no_grad(), torch._dynamo.config.patch(error_on_recompile=True):
+        for ring in (compiled_ring, eager_ring):
+            model(ids, attention_mask=mask, cache=ring, use_cache=True)
+        token = ids[:, -1:]
+        for _ in range(3 * L_PRE + 1):
+            a, b = compiled(token, compiled_ring), eager(token, eager_ring)
+            torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
+            token = b.argmax(-1, keepdim=True)
+    assert not counters["graph_break"]
+    assert counters["stats"]["unique_graphs"] == 1
+    assert not counters["inductor"]["cudagraph_skips"]  # (e.g. a mutated input without a fixed address)

@@ -64,6 +64,7 @@ def lambda_attention(
     from ..ring_cache import RingStep, ring_attention
 
     if isinstance(plan, RingStep):  # a one-token step over a ring cache's g + w slots
+        _ran("ring")
         return ring_attention(query, key, value, plan, settings, position, scaling)
     backend = backend_for(settings, query.device, query.dtype, position)
     if settings.log_scale_base:

@@ -70,11 +70,14 @@ def median(values: list[float]) -> float:
     return sorted(values)[len(values) // 2]
 
 
-def compiled_decode_times(model, ids: torch.Tensor, steps: int, warmup: int = 3) -> list[float] | None:
+def compiled_decode_times(
+    model, ids: torch.Tensor, steps: int, warmup: int = 3, backend: str | None = None
+) -> list[float] | None:
     """Seconds of each of `steps` compiled greedy decoding steps after reading `ids` [1, n] (the first `warmup`
     steps, which compile, not counted): a method whose cache is bounded through the ring cache
     (`lminf_eval.ring_cache`), the unpatched model through transformers' StaticCache; None for the others
-    (unbounded patched methods, and vanilla MPT/Bloom, whose own code does not compile into one graph)."""
+    (unbounded patched methods, and vanilla MPT/Bloom, whose own code does not compile into one graph). Both
+    compile `fullgraph=True`, with CUDA graphs (`mode="reduce-overhead"`) on CUDA; `backend`: torch.compile's."""
     from transformers import StaticCache
 
     from lminf_eval.ring_cache import LMInfiniteRingCache, decode_step, supports
@@ -85,7 +88,7 @@ def compiled_decode_times(model, ids: torch.Tensor, steps: int, warmup: int = 3)
         if not supports(settings):
             return None
         cache = LMInfiniteRingCache.for_model(model)
-        step = decode_step(model)
+        step = decode_step(model, backend=backend)
 
         def advance(token, i):
             return step(token, cache)
@@ -93,7 +96,9 @@ def compiled_decode_times(model, ids: torch.Tensor, steps: int, warmup: int = 3)
         return None
     else:
         cache = StaticCache(config=model.config, max_cache_len=n + warmup + steps + 1)
-        compiled = torch.compile(_static_step, fullgraph=True)
+        backend = backend or "inductor"
+        mode = "reduce-overhead" if device.type == "cuda" and backend == "inductor" else None
+        compiled = torch.compile(_static_step, fullgraph=True, mode=mode, backend=backend)
 
         def advance(token, i):
             return compiled(model, token, cache, torch.tensor([[n + i]], device=device))

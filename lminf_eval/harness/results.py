@@ -230,9 +230,14 @@ class RunDir:
             console.print(f"[yellow]{self.path}: {bad} unreadable line(s) in samples; those cells count as not run")
         return list(by_cell.values())
 
-    def record(self, key: dict, status: str, seconds: float, result: dict | None = None) -> None:
-        """One line, written in one call and flushed to disk before the next cell starts."""
+    def record(
+        self, key: dict, status: str, seconds: float, result: dict | None = None, paths: dict | None = None
+    ) -> None:
+        """One line, written in one call and flushed to disk before the next cell starts. `paths`: the
+        attention paths the cell ran (calls per path, `dispatch.paths_run`)."""
         row = {"cell": key, "status": status, "seconds": round(seconds, 3), **(result or {})}
+        if paths:
+            row["attention_paths"] = paths
         if self.world > 1:
             row["rank"] = self.rank
         try:

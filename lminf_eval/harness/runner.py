@@ -8,6 +8,7 @@ import re
 import signal
 import threading
 import time
+from collections import Counter
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from itertools import groupby
@@ -20,6 +21,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from ..attention.dispatch import paths_run
 from ..errors import UserError
 from ..methods import Method, applied, parse_methods
 from ..patch import pretraining_length as config_pretraining_length
@@ -311,9 +313,10 @@ def _run_cells(task: Task, cells: list[Cell], total: int, skipped: int) -> None:
                     label = " ".join(f"{v}" for k, v in cell.key.items() if k != "method")
                     progress.update(bar, description=f"{task.name} {method.label} {label}")
                     start = time.time()
+                    paths_run(reset=True)
                     try:
                         result = task.run_cell(cell)
-                        ctx.run.record(cell.key, "ok", time.time() - start, result)
+                        ctx.run.record(cell.key, "ok", time.time() - start, result, paths_run(reset=True))
                     except Exception as err:
                         if not is_oom(err):
                             raise
@@ -345,6 +348,7 @@ def _summarize(task: Task, cells: list[Cell], started: float, interrupted: bool)
         device=str(ctx.device) + (f" ({torch.cuda.get_device_name()})" if ctx.device.type == "cuda" else ""),
         wall_seconds=round(time.time() - started, 2),
         cells=Cells(len(rows), len(cells), sum(r["status"] == "oom" for r in rows)),
+        attention_paths=_paths_by_method(rows),
         metrics=metrics,
         tables={name: ResultsTable.from_frame(df) for name, df in tables.items()},
     )
@@ -359,6 +363,14 @@ def _summarize(task: Task, cells: list[Cell], started: float, interrupted: bool)
     for name, df in tables.items():
         print_table(name, df)
     console.print(f"results: {ctx.run.path}")
+
+
+def _paths_by_method(rows: list[dict]) -> dict[str, dict[str, int]]:
+    """Which attention path ran for each method, over its cells (calls: one per layer per forward)."""
+    found: dict[str, Counter] = {}
+    for row in rows:
+        found.setdefault(str(row["cell"].get("method")), Counter()).update(row.get("attention_paths") or {})
+    return {method: dict(paths) for method, paths in found.items() if paths}
 
 
 def _planned_rows(task: Task, cells: list[Cell]) -> list[dict]:

@@ -168,6 +168,7 @@ class Results:
     device: str = ""
     wall_seconds: float | None = None
     cells: Cells = field(default_factory=Cells)
+    attention_paths: dict = field(default_factory=dict)  # method -> {attention path: calls} (dispatch.paths_run)
 
     @property
     def model(self) -> str:
@@ -203,6 +204,7 @@ class Results:
             device=d.get("device") or "",
             wall_seconds=d.get("wall_seconds"),
             cells=Cells(**(d.get("cells") or {})),
+            attention_paths=dict(d.get("attention_paths") or {}),
         )
 
     @classmethod
@@ -233,7 +235,7 @@ def _check_shape(d) -> None:
             raise ValueError(f"{name} is a {type(d[name]).__name__}, not a {kind.__name__}")
     if not isinstance(d.get("config", {}).get("model"), str):
         raise ValueError("config.model is missing")
-    for key in ("cells", "resolved", "versions"):
+    for key in ("cells", "resolved", "versions", "attention_paths"):
         if d.get(key) is not None and not isinstance(d[key], dict):
             raise ValueError(f"{key} is a {type(d[key]).__name__}, not an object")
     for name, table in d.get("tables", {}).items():
