@@ -82,6 +82,14 @@ PRESETS: dict[str, Preset] = {
         ("limit_distance", "shift_local", "log_scale_base"),
         "An et al., arXiv 2410.18745",
     ),
+    "dca": Preset(
+        "Dual Chunk Attention: every key kept, the text cut in chunks of c = chunk_size - local_window tokens; "
+        "key j at j mod c, the query at i mod c (same chunk), min(i mod c + c, chunk_size) (previous chunk) or "
+        "min(2c - 1, chunk_size) (earlier chunks): no distance past chunk_size. RoPE families.",
+        {**FULL, "chunk_size": "L_pre*3/4", "local_window": "L_pre/8"},
+        ("chunk_size", "local_window"),
+        "An et al., arXiv 2402.17463",
+    ),
     "pi": Preset(
         "Position interpolation, frozen: transformers' rope_type linear, every distance divided by rope_factor "
         "(RoPE families, like dynamic-ntk and yarn).",

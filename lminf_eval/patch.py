@@ -89,6 +89,11 @@ def apply_lm_infinite(
     config = model.config
     l_pre = pretraining_length_override or pretraining_length(config)
     resolved = Settings.resolve(l_pre, target_length, **settings)
+    if resolved.dual_chunk and family.kind != "rope":
+        raise LMInfiniteError(
+            f"dual chunk attention re-rotates queries per key chunk, which needs RoPE; {config.model_type} uses "
+            f"{family.kind or 'another position encoding'}: use another method"
+        )
     layers = getattr(config, "num_hidden_layers", None)
     if resolved.top_k and isinstance(layers, int) and resolved.top_k_from_layer >= layers:
         raise LMInfiniteError(

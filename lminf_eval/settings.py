@@ -38,6 +38,8 @@ class Settings:
     rope_type: str  # transformers RoPE scaling set on the model (ROPE_TYPES)
     rope_factor: float  # its factor s (1.0 with rope_type none)
     shift_local: int = 128  # shifted (STRING): far distances start again at this W
+    chunk_size: float = math.inf  # dual chunk attention (DCA): every distance capped here (inf: off)
+    local_window: int = 0  # DCA: chunks are chunk_size - local_window tokens long (0 when DCA is off)
 
     @classmethod
     def resolve(cls, pretraining_length: int | None, target_length: int | None = None, **overrides) -> Settings:
@@ -53,6 +55,12 @@ class Settings:
             value["limit_distance"] = value["n_local"]
         l_pre = pretraining_length
         rope_type = _choice(value["rope_type"], "rope_type", ROPE_TYPES)
+        chunk_size = _length(value["chunk_size"], DEFAULTS["chunk_size"], l_pre, "chunk_size")
+        local_window = 0  # (DCA off)
+        if math.isfinite(chunk_size):
+            local_window = _length(value["local_window"], DEFAULTS["local_window"], l_pre, "local_window", zero=True)
+        elif value["local_window"] not in (None, 0):
+            raise LMInfiniteError("local_window applies to dual chunk attention only: set chunk_size (dca) or drop it")
         settings = cls(
             n_global=_count(value["n_global"], DEFAULTS["n_global"], "n_global"),
             n_local=_length(value["n_local"], "L_pre", l_pre, "n_local"),
@@ -67,7 +75,11 @@ class Settings:
             rope_type=rope_type,
             rope_factor=_factor(value["rope_factor"], rope_type, l_pre, target_length),
             shift_local=_count(value["shift_local"], DEFAULTS["shift_local"], "shift_local"),
+            chunk_size=chunk_size,
+            local_window=local_window,
         )
+        if settings.dual_chunk:
+            _check_dual_chunk(settings)
         if settings.n_global > settings.n_local:
             raise LMInfiniteError(
                 f"n_global ({settings.n_global}) > n_local ({settings.n_local}): lower --n-global or raise --n-local"
@@ -104,10 +116,38 @@ class Settings:
         return math.isfinite(self.n_local) and not self.top_k
 
     @property
+    def dual_chunk(self) -> bool:
+        """Whether positions follow Dual Chunk Attention (a finite chunk_size): its own branch of the blocks kernel."""
+        return math.isfinite(self.chunk_size)
+
+    @property
     def changes_attention(self) -> bool:
         """Whether attention differs from the model's own (else only the RoPE scaling, if any, is applied)."""
-        finite = math.isfinite(self.n_local) or math.isfinite(self.limit_distance)
+        finite = math.isfinite(self.n_local) or math.isfinite(self.limit_distance) or self.dual_chunk
         return finite or bool(self.top_k) or bool(self.log_scale_base)
+
+
+# the backends that compute dual chunk attention (the blocks kernel's DCA branch)
+DUAL_CHUNK_BACKENDS = ("auto", "blocks", "blocks-masked", "plain")
+
+
+def _check_dual_chunk(settings: Settings) -> None:
+    """One-line errors for what dual chunk attention does not combine with."""
+    if not settings.local_window < settings.chunk_size:
+        raise LMInfiniteError(
+            f"local_window ({settings.local_window}) must be below chunk_size ({settings.chunk_size}): DCA's chunks "
+            "are chunk_size - local_window tokens long, lower local_window or raise chunk_size"
+        )
+    for name, why in (("n_local", "keeps every key"), ("limit_distance", "places every pair by its chunk")):
+        if math.isfinite(getattr(settings, name)):
+            raise LMInfiniteError(f"dual chunk attention {why}: {name} does not apply, drop it (or use inf)")
+    if settings.top_k:
+        raise LMInfiniteError("dual chunk attention keeps every key, so top_k has no middle tokens: set top_k=0")
+    if settings.backend not in DUAL_CHUNK_BACKENDS:
+        raise LMInfiniteError(
+            f"dual chunk attention runs on the blocks kernel: backend {settings.backend} does not compute it, "
+            f"use one of {', '.join(DUAL_CHUNK_BACKENDS)}"
+        )
 
 
 # name -> default as the user reads it; "L_pre" and "L_pre/2" are resolved against the model
@@ -125,6 +165,8 @@ DEFAULTS: dict[str, object] = {
     "rope_type": "none",
     "rope_factor": "target/L_pre",
     "shift_local": 128,
+    "chunk_size": math.inf,
+    "local_window": "L_pre/8",
 }
 HELP = {
     "n_global": "Starting tokens every query sees.",
@@ -146,10 +188,16 @@ HELP = {
     "rope_type": "transformers' RoPE scaling set on the model: none, linear (PI), dynamic (dynamic NTK), yarn.",
     "rope_factor": "Its factor s (default: the run's longest length / L_pre, at least 1).",
     "shift_local": "shifted (STRING): far pairs (d >= limit_distance S) scored at d - S + shift_local (W < S).",
+    "chunk_size": "Dual chunk attention (DCA) on: no distance exceeds it; inf: off.",
+    "local_window": "DCA: chunks are chunk_size - local_window tokens long (ChunkLlama's local_window_size; "
+    "not n_local).",
 }
 NAMES = tuple(f.name for f in fields(Settings))
 # set through a method's options (`--method self-extend:group_size=16`), not as flags of every command
-METHOD_ONLY = ("far_distance", "group_size", "log_scale_base", "rope_type", "rope_factor", "shift_local")
+METHOD_ONLY = (
+    "far_distance", "group_size", "log_scale_base", "rope_type", "rope_factor", "shift_local", "chunk_size",
+    "local_window",
+)  # fmt: skip
 FLAG_NAMES = tuple(name for name in NAMES if name not in METHOD_ONLY)
 TEXT_NAMES = ("backend", "far_distance", "rope_type")
 
@@ -191,15 +239,19 @@ def _choice(value, name: str, choices: tuple) -> str:
 
 
 def _length(value, default, l_pre: int | None, name: str, zero: bool = False) -> float:
-    """A token count: a number, inf, or "L_pre", "L_pre/N", "L_pre-N" read against the pretraining length."""
+    """A token count: a number, inf, or "L_pre", "L_pre/N", "L_pre-N", "L_pre*M/N" read against the pretraining
+    length (divisions round down)."""
     value = default if value is None else value
     if isinstance(value, str) and value.startswith("L_pre"):
         if l_pre is None:
             raise LMInfiniteError(f"{name} is required for a model whose config has no pretraining length")
-        op, number = value[5:6], value[6:]
-        if op and (op not in "/-" or not number.isdigit() or (op == "/" and int(number) == 0)):
-            raise LMInfiniteError(f"{name}: cannot read {value!r}; use L_pre, L_pre/N or L_pre-N")
-        value = l_pre // int(number) if op == "/" else l_pre - int(number or 0)
+        times, op, number = "1", value[5:6], value[6:]
+        if op == "*":  # L_pre*M/N
+            times, op, number = value[6:].partition("/")
+        bad = op and (op not in "/-" or not number.isdigit() or (op == "/" and int(number) == 0))
+        if bad or not times.isdigit() or (value[5:6] == "*" and op != "/"):
+            raise LMInfiniteError(f"{name}: cannot read {value!r}; use L_pre, L_pre/N, L_pre-N or L_pre*M/N")
+        value = l_pre * int(times) // int(number) if op == "/" else l_pre - int(number or 0)
     number = _number(value, name)
     if math.isinf(number) and number > 0:
         return math.inf

@@ -74,6 +74,8 @@ def distance(i: torch.Tensor, j: torch.Tensor, settings) -> torch.Tensor:
     """d(i, j) for every pair as methods.md section 1 states it, read literally from the method's definition."""
     delta = i - j
     L, G, rule = settings.limit_distance, settings.group_size, settings.far_distance
+    if math.isfinite(settings.chunk_size):
+        return dual_chunk_distance(i, j, settings)
     if not math.isfinite(L):
         return delta
     if rule == "ceiling":  # LM-Infinite, ReRoPE: min(delta, L)
@@ -94,6 +96,21 @@ def distance(i: torch.Tensor, j: torch.Tensor, settings) -> torch.Tensor:
     else:  # STRING: delta - S + W (shift S = L, local value W = shift_local)
         far = delta - L + settings.shift_local
     return torch.where(delta >= L, far, delta)
+
+
+def dual_chunk_distance(i: torch.Tensor, j: torch.Tensor, settings) -> torch.Tensor:
+    """DCA (ChunkLlama's chunkllama_attn_replace.py): chunks of c = chunk_size - local_window tokens; the key at
+    j mod c, the query at a position chosen by how many chunks back the key is."""
+    size = settings.chunk_size
+    c = size - settings.local_window
+    key_at = j - torch.floor(j / c) * c  # j mod c
+    q_in_chunk = i - torch.floor(i / c) * c  # i mod c
+    back = torch.floor(i / c) - torch.floor(j / c)  # 0: same chunk, 1: the chunk before, 2+: earlier
+    intra = q_in_chunk  # its own chunk: the query at i mod c (the pair's own distance)
+    successive = torch.clamp(q_in_chunk + c, max=size)  # the chunk before: min(i mod c + c, chunk_size)
+    inter = torch.full_like(i, min(2 * c - 1, size))  # earlier chunks: the last query's successive position
+    query_at = torch.where(back == 0, intra, torch.where(back == 1, successive, inter))
+    return query_at - key_at
 
 
 def reference_attention(query, key, value, plan, settings, position, scaling, layer_idx=0):
@@ -121,7 +138,8 @@ def reference_attention(query, key, value, plan, settings, position, scaling, la
         il = position.interleaved
         q_raw = _rotate_pairs(q, -i * inv, il)  # undo each token's own rotation
         k_raw = _rotate_pairs(k, -plan.k_idx[:, None, :, None].double() * inv, il)
-        if settings.far_distance == "ceiling":  # one distance for every far pair: two dense products suffice
+        dual_chunk = math.isfinite(settings.chunk_size)
+        if settings.far_distance == "ceiling" and not dual_chunk:  # one distance for every far pair: two products
             q_at_limit = _rotate_pairs(q_raw, torch.full_like(i, float(min(settings.limit_distance, 1e12))) * inv, il)
             far = torch.einsum("bhid,bhjd->bhij", q_at_limit, k_raw) * scaling
             scores = torch.where(dist >= settings.limit_distance, far, plain)

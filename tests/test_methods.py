@@ -1,5 +1,6 @@
-"""The training-free peers (StreamingLLM, Self-Extend, ReRoPE, Leaky ReRoPE, PI, dynamic NTK, YaRN) against
-an independent float64 reference of their definitions, vanilla where they must equal it, and across code paths."""
+"""The training-free peers (StreamingLLM, Self-Extend, ReRoPE, Leaky ReRoPE, STRING, DCA, PI, dynamic NTK, YaRN)
+against an independent float64 reference of their definitions, vanilla where they must equal it, and across code
+paths."""
 
 from __future__ import annotations
 
@@ -21,15 +22,26 @@ PEERS = {
     "rerope": "rerope:limit_distance=5:log_scale_base=8",
     "leaky-rerope": "leaky-rerope:limit_distance=5:group_size=4:log_scale_base=8",
     "string": "string:limit_distance=7:shift_local=2",
+    "dca": "dca",  # its defaults: chunk_size 3 L_pre/4 = 12, local_window L_pre/8 = 2, so 13 chunks of 10
 }
+ALIBI = ("mpt", "bloom")
+ROPE_ONLY = ("dca",)  # refused on ALiBi models (test_unsupported_combinations_are_one_line_errors)
+BLOCKS_ONLY = ("dca",)  # the blocks kernel's own branch: backend=flex is refused in one line
 
 
 def settings_of(spec: str, target: int | None = None):
     return parse_method(spec).settings(L_PRE, target)
 
 
-@pytest.mark.parametrize("peer", list(PEERS))
-@pytest.mark.parametrize("name", ["llama", "gpt_neox", "gptj", "mpt", "bloom"])
+@pytest.mark.parametrize(
+    "name, peer",
+    [
+        (name, peer)
+        for peer in PEERS
+        for name in ["llama", "gpt_neox", "gptj", "mpt", "bloom"]
+        if not (peer in ROPE_ONLY and name in ALIBI)
+    ],
+)
 def test_peers_equal_reference(name, peer):
     """GQA (llama), partial rotary (gpt_neox), interleaved (gptj), ALiBi (mpt, bloom), left padding."""
     model = tiny_model(name)
@@ -43,7 +55,7 @@ def test_peers_equal_reference(name, peer):
 
 
 @pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
-@pytest.mark.parametrize("peer", list(PEERS))
+@pytest.mark.parametrize("peer", [peer for peer in PEERS if peer not in BLOCKS_ONLY])
 def test_peers_flex_path_equals_reference(peer):
     settings = settings_of(PEERS[peer] + ":backend=flex")
     model = tiny_model("llama")
@@ -88,6 +100,151 @@ def test_streaming_llm_decode_equals_reforward():
         assert torch.equal(new, greedy_by_reforward(model, ids, 2 * L_PRE))
 
 
+def test_dca_decode_equals_reforward():
+    """DCA token by token through transformers' cache (each new query placed by the chunks behind it) = full
+    forwards, from a prompt ending mid-chunk across several chunk boundaries."""
+    model = tiny_model("llama")
+    ids = torch.randint(1, VOCAB, (1, L_PRE + 3))
+    with applied(model, settings_of(PEERS["dca"]), L_PRE):
+        new = generate(model, ids, L_PRE)[:, ids.shape[1] :]
+        assert torch.equal(new, greedy_by_reforward(model, ids, L_PRE))
+
+
+@pytest.mark.parametrize(
+    "backend, spec",
+    [
+        ("blocks-masked", "dca"),
+        ("plain", "dca:chunk_size=9:local_window=5"),
+        ("blocks", "dca:chunk_size=9:local_window=5"),
+    ],
+)
+def test_dca_backends_equal_reference(backend, spec):
+    """Every block masked (blocks-masked), plain fp32 math, and the slices of an unpadded row (blocks), with the
+    defaults (chunks of 10) or local_window >= c (chunks of 4, earlier chunks at 2c - 1 = 7 < chunk_size); one
+    row padded, the other alone equal to its padded self."""
+    model = tiny_model("llama")
+    ids, mask = left_padded([4 * L_PRE, 4 * L_PRE - 7], 4 * L_PRE, seed=9)
+    real = mask.bool()
+    with applied(model, settings_of(f"{spec}:backend={backend}"), L_PRE):
+        ours, ref = logits(model, ids, mask), reference_logits(model, ids, mask)
+        torch.testing.assert_close(ours[real], ref[real], atol=ATOL, rtol=0)
+        torch.testing.assert_close(logits(model, ids[:1]), ours[:1], atol=ATOL, rtol=0)
+
+
+def test_dca_equals_vanilla_up_to_chunk_size_only():
+    """Tokens 0..chunk_size see only their own chunk or the previous one at i mod c <= local_window, both at the
+    pair's own distance: vanilla. Token chunk_size + 1 sees the previous chunk capped at chunk_size: not."""
+    settings = settings_of(PEERS["dca"])
+    size = int(settings.chunk_size)
+    model = tiny_model("llama")
+    ids = torch.randint(0, VOCAB, (1, size + 2))
+    vanilla = logits(model, ids)
+    with applied(model, settings, L_PRE):
+        ours = logits(model, ids)
+    torch.testing.assert_close(ours[:, : size + 1], vanilla[:, : size + 1], atol=ATOL, rtol=0)
+    assert (ours[:, size + 1] - vanilla[:, size + 1]).abs().max() > 1e-3
+
+
+def _authors_dca(q_raw, k_raw, v, chunk_size: int, local_window: int, inv_freq, scaling):
+    """ChunkLlama's chunkllama_attn_replace.py restated on unrotated q, k [b, h, n, d] (float64): its position
+    tables (q_t, qc_t, k_t), its prefill loop over query chunks (intra causal, successive, inter keys before the
+    previous chunk at qc_t[c - 1]) merged by log-sum-exp, and its one-token decoding branch for the last row."""
+    c = chunk_size - local_window
+    n = q_raw.shape[2]
+    q_t = torch.arange(c, dtype=torch.float64)
+    qc_t = (torch.arange(c, dtype=torch.float64) + c).clamp(max=chunk_size)
+    k_t = torch.arange(n, dtype=torch.float64) % c
+    position_ids = torch.arange(n) % c
+
+    def rope(x, t):  # rotate_half layout: cat(freqs, freqs)
+        angle = torch.cat((t[:, None] * inv_freq, t[:, None] * inv_freq), -1)
+        half = x.shape[-1] // 2
+        return x * angle.cos() + torch.cat((-x[..., half:], x[..., :half]), -1) * angle.sin()
+
+    def attend(q, k, vv, causal):
+        s = q @ k.transpose(-1, -2) * scaling
+        if causal:
+            s = s.masked_fill(torch.ones(s.shape[-2:], dtype=torch.bool).triu(1), -math.inf)
+        return torch.softmax(s, -1) @ vv, torch.logsumexp(s, -1)
+
+    key = rope(k_raw, k_t)
+    rows = []
+    for begin in range(0, n, c):
+        end, q = min(begin + c, n), q_raw[:, :, begin : min(begin + c, n)]
+        parts = [attend(rope(q, q_t[position_ids[begin:end]]), key[:, :, begin:end], v[:, :, begin:end], True)]
+        if begin >= c:
+            q_succ = rope(q, qc_t[position_ids[begin:end]])
+            parts.append(attend(q_succ, key[:, :, begin - c : begin], v[:, :, begin - c : begin], False))
+        if begin - c > 0:
+            q_inter = rope(q, qc_t[position_ids[c - 1]].repeat(end - begin))
+            parts.append(attend(q_inter, key[:, :, : begin - c], v[:, :, : begin - c], False))
+        lse = torch.stack([p[1] for p in parts])
+        weights = torch.softmax(lse, 0)[..., None]
+        rows.append(sum(p[0] * w for p, w in zip(parts, weights, strict=True)))
+    prefill = torch.cat(rows, 2)
+    # decoding: the last token as the new query over the cache of all n keys
+    cur, pos = (n - 1) // c, position_ids[-1:]
+    q = q_raw[:, :, -1:]
+    scores = [rope(q, q_t[pos]) @ key[:, :, c * cur :].transpose(-1, -2)]
+    if cur >= 1:
+        scores.insert(0, rope(q, qc_t[pos]) @ key[:, :, c * (cur - 1) : c * cur].transpose(-1, -2))
+    if cur >= 2:
+        scores.insert(0, rope(q, qc_t[[c - 1]]) @ key[:, :, : c * (cur - 1)].transpose(-1, -2))
+    decode = torch.softmax(torch.cat(scores, -1) * scaling, -1) @ v
+    return prefill, decode
+
+
+@pytest.mark.parametrize("spec", ["dca", "dca:chunk_size=9:local_window=3", "dca:chunk_size=9:local_window=5"])
+def test_dca_kernel_equals_the_authors_chunk_loop(spec):
+    """The kernel on q, k rotated at their own positions (as the model hands them over), one forward and one
+    decoding step, against the authors' algorithm on the unrotated ones (GQA: 4 query heads, 2 K/V heads)."""
+    from lminf_eval.attention.dca import dual_chunk_attention
+    from lminf_eval.attention.plan import Plan
+    from lminf_eval.attention.positions import Rope
+
+    settings = settings_of(spec)
+    n, d = 5 * L_PRE + 3, 16
+    gen = torch.Generator().manual_seed(3)
+    q_raw, k_raw, v = (torch.randn(1, h, n, d, generator=gen, dtype=torch.float64) for h in (4, 2, 2))
+    inv_freq = 1.0 / 100.0 ** (torch.arange(0, d, 2, dtype=torch.float64) / d)
+    rope = Rope(None, inv_freq, interleaved=False)
+    own = torch.arange(n)[None]
+    q, k = rope.rotate(q_raw, own).float(), rope.rotate(k_raw, own).float()
+    prefill, decode = _authors_dca(
+        q_raw, k_raw.repeat_interleave(2, 1), v.repeat_interleave(2, 1), int(settings.chunk_size),
+        settings.local_window, inv_freq, d**-0.5,
+    )  # fmt: skip
+    ours = dual_chunk_attention(q, k, v.float(), Plan.contiguous(n, 0), settings, rope, d**-0.5)
+    torch.testing.assert_close(ours.double(), prefill, atol=1e-5, rtol=0)
+    step = Plan.from_mask(None, 1, 1, n - 1, 0, "cpu")
+    ours = dual_chunk_attention(q[:, :, -1:], k, v.float(), step, settings, rope, d**-0.5)
+    torch.testing.assert_close(ours.double(), decode, atol=1e-5, rtol=0)
+
+
+def test_dca_runs_on_the_blocks_kernel_on_every_device():
+    """`auto` takes the blocks kernel's DCA branch on CUDA too (flex and flash-window do not compute DCA)."""
+    from lminf_eval.attention.dispatch import backend_for
+
+    settings = settings_of(PEERS["dca"])
+    assert backend_for(settings, torch.device("cuda"), torch.float16) == "blocks"
+    assert backend_for(settings, torch.device("cpu"), torch.float32) == "blocks"
+
+
+def test_dca_is_listed_with_its_options_and_defaults():
+    from typer.testing import CliRunner
+
+    from lminf_eval.harness.cli import app
+
+    res = CliRunner().invoke(app, ["methods"])
+    assert res.exit_code == 0, res.output
+    block = res.output.split("\ndca\n")[1].split("\n")
+    assert "An et al., arXiv 2402.17463" in block[1]
+    assert block[2].split()[:3] == ["chunk_size", "default", "L_pre*3/4"]
+    assert block[3].split()[:3] == ["local_window", "default", "L_pre/8"]
+    resolved = settings_of("dca", target=None)  # the authors' L_pre * 3 // 4 and L_pre // 8
+    assert (resolved.chunk_size, resolved.local_window) == (L_PRE * 3 // 4, L_PRE // 8)
+
+
 def test_string_decode_equals_reforward():
     """STRING token by token through transformers' cache (each new query shifted past S) = full forwards."""
     model = tiny_model("llama")
@@ -99,10 +256,11 @@ def test_string_decode_equals_reforward():
 
 @pytest.mark.parametrize("peer", list(PEERS))
 def test_peers_equal_vanilla_inside_their_window_only(peer):
-    """Inside the window (and below the log-scale base) a peer is the model itself; past it, it is not (so
-    the comparison could fail)."""
+    """Inside the window (and below the log-scale base; DCA: up to chunk_size) a peer is the model itself; past
+    it, it is not (so the comparison could fail)."""
     settings = settings_of(PEERS[peer])
     inside = min(settings.limit_distance, settings.log_scale_base or math.inf, settings.n_global + settings.n_local)
+    inside = min(inside, settings.chunk_size)
     model = tiny_model("llama")
     ids = torch.randint(0, VOCAB, (1, 4 * L_PRE))
     with applied(model, None, L_PRE):
@@ -172,6 +330,14 @@ def test_unsupported_combinations_are_one_line_errors():
         ("rerope:log_scale_base=1", "llama", "log_scale_base"),
         ("lm-infinite:far_distance=far", "llama", "unknown far_distance"),
         ("string:limit_distance=7:shift_local=7", "llama", "shift_local"),
+        ("dca", "mpt", "needs RoPE"),
+        ("dca", "bloom", "needs RoPE"),
+        ("dca:backend=flex", "llama", "blocks kernel"),
+        ("dca:backend=flash-window", "llama", "blocks kernel"),
+        ("dca:chunk_size=9:local_window=9", "llama", "local_window"),
+        ("dca:n_local=8", "llama", "n_local does not apply"),
+        ("dca:top_k=1", "llama", "top_k"),
+        ("lm-infinite:local_window=2", "llama", "dual chunk attention only"),
     ]:
         model = tiny_model(family)
         with pytest.raises(LMInfiniteError, match=words) as err:

@@ -78,6 +78,10 @@ def blocked_attention(
 ) -> torch.Tensor:
     """query [b, hq, Q, d], key/value [b, hk, K, d] -> [b, hq, Q, dv] in query's dtype. `fused`: PyTorch's
     fused attention kernels (else plain fp32 math); `use_band`: plain local windows as unmasked band calls."""
+    if settings.dual_chunk:  # Dual Chunk Attention: its own branch (dca.py), the same fused calls and merge
+        from .dca import dual_chunk_attention
+
+        return dual_chunk_attention(query, key, value, plan, settings, position, scaling, fused, use_band)
     b, hq, n_q = query.shape[:3]
     # [b, Q, hq, dv] in memory, so the caller's transpose back to that layout is free
     out = query.new_empty(b, n_q, hq, value.shape[-1]).transpose(1, 2)

@@ -27,7 +27,7 @@ def backend_for(settings: Settings, device: torch.device, dtype: torch.dtype | N
     A backend may still fall back for a given plan (`lambda_attention` records which path ran)."""
     if settings.backend != "auto":
         return settings.backend
-    if device.type != "cuda":
+    if device.type != "cuda" or settings.dual_chunk:  # (dual chunk attention: the blocks kernel's own branch)
         return "blocks"
     flash = dtype in flash_window.HALF and not isinstance(position, Alibi) and flash_window.kernel_available()
     return flash_window.NAME if flash else "flex"

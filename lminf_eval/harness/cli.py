@@ -286,7 +286,7 @@ def methods():
             typer.echo(f"  {option:<18} default {default:<14} {SETTING_HELP[option]}{per_task}")
     typer.echo(
         "Any method takes any setting (e.g. lm-infinite:rope_type=yarn); lengths read L_pre (the pretraining "
-        "length), L_pre/N or L_pre-N, and 'inf' switches a window or ceiling off."
+        "length), L_pre/N, L_pre-N or L_pre*M/N, and 'inf' switches a window or ceiling off."
     )
 
 
