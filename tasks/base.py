@@ -29,32 +29,59 @@ def method_table(values: dict, rows: list[str], columns, index_name="method", oo
     return df.where(df.notna(), float("nan"))
 
 
-def truncated(method, ids: torch.Tensor, l_pre: int) -> torch.Tensor:
-    """The paper's Table 2 baseline keeps only the last L_pre tokens, re-encoded."""
-    return ids[..., -l_pre:] if method.truncate else ids
+def truncated(method, ids, l_pre: int):
+    """The paper's Table 2 baseline keeps only the last L_pre tokens, re-encoded (ids: a token list, or a
+    tensor whose last dim is the sequence)."""
+    if not method.truncate:
+        return ids
+    return ids[-l_pre:] if isinstance(ids, list) else ids[..., -l_pre:]
 
 
-def greedy(model, ids: torch.Tensor, new_tokens: int, pad_token_id: int | None, compile: bool = False) -> torch.Tensor:
-    """Exactly `new_tokens` greedy tokens (EOS suppressed until then), through the method's own cache;
-    `compile`: a method whose cache is bounded decodes through the ring cache with a compiled step."""
+def greedy(
+    model, ids: torch.Tensor, new_tokens: int, pad_token_id: int | None, compile: bool = False, mask=None
+) -> torch.Tensor:
+    """[b, new_tokens]: exactly `new_tokens` greedy tokens per row (EOS suppressed until then), through the
+    method's own cache; `mask`: the rows' left padding (None: none); `compile`: a method whose cache is bounded
+    decodes through the ring cache with a compiled step."""
     import torch
 
+    mask = torch.ones_like(ids) if mask is None else mask
     if compile and can_compile(model):
         from lminf_eval.ring_cache import greedy_ring
 
-        return greedy_ring(model, ids, new_tokens, suppress=model.generation_config.eos_token_id)[0]
+        return greedy_ring(model, ids, new_tokens, attention_mask=mask, suppress=model.generation_config.eos_token_id)
 
     with torch.no_grad():
         out = model.generate(
             ids,
-            attention_mask=torch.ones_like(ids),
+            attention_mask=mask,
             max_new_tokens=new_tokens,
             min_new_tokens=new_tokens,
             do_sample=False,
             use_cache=True,
             pad_token_id=pad_token_id,
         )
-    return out[0, ids.shape[1] :]
+    return out[:, ids.shape[1] :]
+
+
+def length_dependent(settings) -> bool:
+    """Whether a method's rotation depends on the length of the forward (transformers' dynamic NTK): its
+    perplexity at L needs a forward of length L, and padding a row changes its rotation. PI and YaRN take a
+    run-wide factor, the kernel's rules a distance per pair: one forward serves every length for them."""
+    from lminf_eval.rope_scaling import LENGTH_DEPENDENT
+
+    return settings is not None and settings.rope_type in LENGTH_DEPENDENT
+
+
+def left_padded(rows: list[list[int]], pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token rows of (nearly) one length as a batch: ids and attention mask, padded on the left as generate()
+    expects (distances count real tokens, so a padded row gets what it gets alone)."""
+    import torch
+
+    n = max(map(len, rows))
+    ids = torch.tensor([[pad] * (n - len(r)) + list(r) for r in rows], device=device)
+    mask = torch.tensor([[0] * (n - len(r)) + [1] * len(r) for r in rows], device=device)
+    return ids, mask
 
 
 def can_compile(model) -> bool:

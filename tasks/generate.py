@@ -32,6 +32,7 @@ def score(hypotheses: list[str], references: list[str]) -> dict:
 class GenerationOptions:
     new_tokens: int = option(100, "Tokens generated and scored after each position.", min=1)
     compile: bool = option(False, "Methods with a bounded cache decode through the ring cache, compiled.")
+    batch_size: int = option(1, "Documents per batch at each position (one prefix length: no padding).", min=1)
 
 
 @register_task
@@ -59,20 +60,28 @@ class Generation(Task):
             for p in self.ctx.lengths
         ]
 
+    def batch_key(self, cell) -> int:
+        """Documents at one position: prefixes of one length, a batch without padding."""
+        return cell.key["position"]
+
     def run_cell(self, cell) -> dict:
+        return self.run_batch([cell])[0]
+
+    def run_batch(self, cells) -> list[dict]:
         import torch
 
-        ctx = self.ctx
-        p, n = cell.key["position"], self.options.new_tokens
-        ids = cell.data.ids
-        prefix = truncated(cell.method, torch.tensor([ids[:p]], device=ctx.device), ctx.l_pre)
+        ctx, p, n = self.ctx, cells[0].key["position"], self.options.new_tokens
+        prefixes = [truncated(cell.method, cell.data.ids[:p], ctx.l_pre) for cell in cells]
         pad = ctx.tokenizer.pad_token_id if ctx.tokenizer.pad_token_id is not None else ctx.tokenizer.eos_token_id
-        out = greedy(ctx.model, prefix, n, pad, self.options.compile)
+        out = greedy(ctx.model, torch.tensor(prefixes, device=ctx.device), n, pad, self.options.compile)
         decode = ctx.tokenizer.decode
-        return {
-            "hypothesis": decode(out, skip_special_tokens=True),
-            "reference": decode(ids[p : p + n], skip_special_tokens=True),
-        }
+        return [
+            {
+                "hypothesis": decode(new, skip_special_tokens=True),
+                "reference": decode(cell.data.ids[p : p + n], skip_special_tokens=True),
+            }
+            for cell, new in zip(cells, out, strict=True)
+        ]
 
     def summarize(self, rows):
         labels, lengths = self.labels, self.ctx.lengths

@@ -29,7 +29,7 @@ from lminf_eval.harness.intervals import Estimate, accuracy
 from lminf_eval.harness.models import shipped
 from lminf_eval.harness.task import DOCUMENT_FLAGS, Cell, Task, option, register_task
 
-from .base import check_compile, greedy, method_table, ok_rows, slug, truncated
+from .base import check_compile, greedy, left_padded, length_dependent, method_table, ok_rows, slug, truncated
 
 PREFIX = (
     "There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
@@ -230,6 +230,7 @@ class PasskeyOptions:
     haystack: str = option("repeat", "repeat (the paper's filler), essay (shipped prose), or a text file.")
     new_tokens: int = option(0, "Tokens generated for the answer (0: 10 per asked number or word, 30 per uuid).", min=0)
     compile: bool = option(False, "Methods with a bounded cache decode through the ring cache, compiled.")
+    batch_size: int = option(1, "Prompts of one length per batch, left-padded (Dynamic NTK runs alone).", min=1)
 
 
 @register_task
@@ -302,31 +303,51 @@ class Passkey(Task):
         """A table row: the method, and the variant when several are swept."""
         return cell_key["method"] + (f" [{cell_key['variant']}]" if len(self.variants) > 1 else "")
 
-    def run_cell(self, cell) -> dict:
-        import torch
+    def batch_key(self, cell) -> tuple | None:
+        """Prompts of one variant and length (within a few tokens: left-padded) batch; not Dynamic NTK, whose
+        rotation padding would change."""
+        if length_dependent(self.ctx.settings[cell.method.label]):
+            return None
+        return cell.key["variant"], cell.key["length"]
 
-        ctx, k, options = self.ctx, cell.key, self.options
-        needles = self.needles[k["variant"]]
-        # the prompt depends on (seed, variant, length, depth, sample) only, so every method sees the same one
-        tag = "" if k["variant"] == "single" else f"-{k['variant']}"
-        rng = random.Random(f"{ctx.run_config.seed}-{k['length']}-{k['depth']}-{k['sample']}{tag}")
-        depth = k["depth"] if k["depth"] is not None else rng.random()
-        ids, answers = make_prompt(ctx.tokenizer, k["length"], depth, rng, needles, options.haystack)
-        prompt = truncated(cell.method, torch.tensor([ids], device=ctx.device), ctx.l_pre)
+    def run_cell(self, cell) -> dict:
+        return self.run_batch([cell])[0]
+
+    def run_batch(self, cells) -> list[dict]:
+        ctx, options = self.ctx, self.options
+        needles = self.needles[cells[0].key["variant"]]
+        prompts = [self._prompt(cell) for cell in cells]
         pad = ctx.tokenizer.pad_token_id if ctx.tokenizer.pad_token_id is not None else ctx.tokenizer.eos_token_id
+        rows = [truncated(cell.method, prompt[0], ctx.l_pre) for cell, prompt in zip(cells, prompts, strict=True)]
+        ids, mask = left_padded(rows, pad, ctx.device)
         per_value = 30 if needles.value_type == "uuid" else 10
-        out = greedy(ctx.model, prompt, options.new_tokens or per_value * len(answers), pad, options.compile)
-        answer = ctx.tokenizer.decode(out, skip_special_tokens=True)
-        strict = len(answers) == 1 and needles.value_type == "number"
-        hits = [found(answer, v, strict) for v in answers]
-        return {
-            "prompt_tokens": len(ids),
-            "depth_used": round(depth, 4),
-            "key": answers[0] if len(answers) == 1 else answers,
-            "answer": answer,
-            "recall": sum(hits) / len(hits),
-            "correct": all(hits),
-        }
+        n_new = options.new_tokens or per_value * len(prompts[0][1])
+        out = greedy(ctx.model, ids, n_new, pad, options.compile, mask)
+        results = []
+        for (prompt, answers, depth), new in zip(prompts, out, strict=True):
+            answer = ctx.tokenizer.decode(new, skip_special_tokens=True)
+            strict = len(answers) == 1 and needles.value_type == "number"
+            hits = [found(answer, v, strict) for v in answers]
+            results.append({
+                "prompt_tokens": len(prompt),
+                "depth_used": round(depth, 4),
+                "key": answers[0] if len(answers) == 1 else answers,
+                "answer": answer,
+                "recall": sum(hits) / len(hits),
+                "correct": all(hits),
+            })  # fmt: skip
+        return results
+
+    def _prompt(self, cell) -> tuple[list[int], list[str], float]:
+        """The cell's prompt, its answers and the needle depth used; it depends on (seed, variant, length,
+        depth, sample) only, so every method sees the same one."""
+        k = cell.key
+        tag = "" if k["variant"] == "single" else f"-{k['variant']}"
+        rng = random.Random(f"{self.ctx.run_config.seed}-{k['length']}-{k['depth']}-{k['sample']}{tag}")
+        depth = k["depth"] if k["depth"] is not None else rng.random()
+        ids, answers = make_prompt(self.ctx.tokenizer, k["length"], depth, rng, self.needles[k["variant"]],
+                                   self.options.haystack)  # fmt: skip
+        return ids, answers, depth
 
     def summarize(self, rows):
         ctx = self.ctx

@@ -18,9 +18,9 @@ import numpy as np
 from lminf_eval.harness.data import Document
 from lminf_eval.harness.intervals import Estimate, bootstrap_mean
 from lminf_eval.harness.task import Cell, Task, console, option, register_task
-from lminf_eval.rope_scaling import LENGTH_DEPENDENT, reset_dynamic_rope
+from lminf_eval.rope_scaling import reset_dynamic_rope
 
-from .base import method_table, ok_rows
+from .base import length_dependent, method_table, ok_rows
 
 if TYPE_CHECKING:
     import torch
@@ -29,8 +29,13 @@ LOGIT_CHUNK = 1024  # positions per vocabulary projection: 32k x 49k fp32 logits
 
 
 def token_nll(model, ids: torch.Tensor) -> torch.Tensor:
-    """NLL of tokens 1..n-1 given their prefix, from one forward of the base model; the vocabulary
-    projection runs in chunks so memory stays O(n·d)."""
+    """NLL of tokens 1..n-1 given their prefix, from one forward of the base model (ids [1, n])."""
+    return batch_nll(model, ids)[0]
+
+
+def batch_nll(model, ids: torch.Tensor) -> torch.Tensor:
+    """[b, n-1]: each row's NLL of tokens 1..n-1 given their prefix, rows of one length read in one forward;
+    the vocabulary projection runs in chunks so memory stays O(n·d)."""
     import torch
 
     with torch.no_grad():
@@ -41,7 +46,7 @@ def token_nll(model, ids: torch.Tensor) -> torch.Tensor:
             e = min(ids.shape[1] - 1, s + LOGIT_CHUNK)
             logp = torch.log_softmax(head(hidden[:, s:e]).float(), dim=-1)
             out.append(-logp.gather(-1, ids[:, s + 1 : e + 1, None])[..., 0])
-    return torch.cat(out, dim=1)[0]
+    return torch.cat(out, dim=1)
 
 
 def strided_nll(model, ids: torch.Tensor, window: int) -> torch.Tensor:
@@ -65,13 +70,6 @@ def strided_nll(model, ids: torch.Tensor, window: int) -> torch.Tensor:
 def bucket_span(length: int, bucket: int) -> tuple[int, int]:
     """The NLL indices of "perplexity at `length`": targets length-bucket .. length-1 (target p at index p-1)."""
     return max(0, length - bucket - 1), length - 1
-
-
-def length_dependent(settings) -> bool:
-    """Whether a method's rotation depends on the length of the forward (transformers' dynamic NTK): its
-    perplexity at L needs a forward of length L. PI and YaRN take a run-wide factor, the kernel's rules a
-    distance per pair: one forward serves every length for them."""
-    return settings is not None and settings.rope_type in LENGTH_DEPENDENT
 
 
 def forward_lengths(lengths: list[int], n: int, l_pre: int) -> list[int]:
@@ -118,6 +116,7 @@ def _metric(nll: Estimate, ppl: Estimate) -> dict:
 class PerplexityOptions:
     bucket_size: int | None = option(None, "Positions averaged for each milestone (default: L_pre/8).", min=1)
     log_x: bool = option(False, "Log-scale position axis in the NLL plot.")
+    batch_size: int = option(1, "Documents per forward (methods read per milestone, and truncate, run alone).", min=1)
 
 
 @register_task
@@ -156,6 +155,29 @@ class Perplexity(Task):
 
         return [Cell({"method": m.label, "doc": d.id}, m, d, tokens(m, d)) for m in ctx.methods for d in self.docs]
 
+    def batch_key(self, cell) -> int | None:
+        """Documents of one length batch, for methods that read each in one plain forward."""
+        if cell.method.truncate or length_dependent(self.ctx.settings[cell.method.label]):
+            return None
+        return len(cell.data.ids)
+
+    def run_batch(self, cells) -> list[dict]:
+        import torch
+
+        if len(cells) == 1:
+            return [self.run_cell(cells[0])]
+        ids = torch.tensor([cell.data.ids for cell in cells], device=self.ctx.device)
+        nll = batch_nll(self.ctx.model, ids)
+        return [self._result(cell, ids.shape[1], row) for cell, row in zip(cells, nll, strict=True)]
+
+    def _result(self, cell, tokens: int, nll, extra: dict | None = None) -> dict:
+        import torch
+
+        extra = extra or {}
+        if not torch.isfinite(nll).all() or any(None in v for v in extra.get("per_length", {}).values()):
+            console.print(f"[yellow]{cell.method.label} {cell.data.id}: non-finite NLL (kept as NaN)")
+        return {"tokens": tokens, "nll": _rounded(nll), **extra}
+
     def run_cell(self, cell) -> dict:
         import torch
 
@@ -169,9 +191,7 @@ class Perplexity(Task):
             extra = {"forwards": forwards, "per_length": {str(m): _rounded(v) for m, v in buckets.items()}}
         else:
             nll = token_nll(ctx.model, ids)
-        if not torch.isfinite(nll).all() or any(None in v for v in extra.get("per_length", {}).values()):
-            console.print(f"[yellow]{cell.method.label} {cell.data.id}: non-finite NLL (kept as NaN)")
-        return {"tokens": ids.shape[1], "nll": _rounded(nll), **extra}
+        return self._result(cell, ids.shape[1], nll, extra)
 
     # --- summaries -------------------------------------------------------------------------------
 

@@ -1,6 +1,6 @@
 """Perplexity on one unbounded stream (the paper's extreme-length run): documents concatenated into a stream
-of `--stream-tokens` tokens, read chunk by chunk through the bounded cache; NLL per window of the stream and
-resident memory as it goes."""
+of `--stream-tokens` tokens, read chunk by chunk through the g + w ring cache (fixed buffers, allocated once); NLL
+per window of the stream and resident memory as it goes."""
 
 from __future__ import annotations
 
@@ -19,13 +19,13 @@ if TYPE_CHECKING:
     import torch
 
 
-def stream_nll(model, ids: torch.Tensor, chunk: int, report_every: int) -> dict:
-    """Read `ids` chunk by chunk through the model's cache (LM-Infinite: bounded); NLL per window of
-    `report_every` tokens, and resident memory as it goes."""
+def stream_nll(model, ids: torch.Tensor, chunk: int, report_every: int, cache=None) -> dict:
+    """Read `ids` chunk by chunk through `cache` (None: the patched model's default, LMInfiniteCache); NLL per
+    window of `report_every` tokens, and resident memory as it goes."""
     import psutil
     import torch
 
-    cache, carry = None, None
+    carry = None
     proc = psutil.Process()
     sums, counts, rss = [], [], []
     total = 0.0
@@ -54,7 +54,7 @@ def stream_nll(model, ids: torch.Tensor, chunk: int, report_every: int) -> dict:
         "window_nll": [round(a / max(c, 1), 4) for a, c in zip(sums, counts, strict=True)],
         "mean_nll": total / max(1, ids.shape[1] - 1),
         "rss_mb": [[t, round(m, 1)] for t, m in rss],
-        "cache_slots": cache.layers[0].used if hasattr(cache.layers[0], "used") else None,
+        "cache_slots": getattr(cache, "size", None) or getattr(cache.layers[0], "used", None),
     }
 
 
@@ -122,14 +122,17 @@ class Stream(Task):
         return [Cell({"method": m.label, "stream": n}, m, None, n) for m in self.ctx.methods]
 
     def run_cell(self, cell) -> dict:
+        from lminf_eval.ring_cache import LMInfiniteRingCache
+
         chunk = self.options.chunk_size or self.ctx.l_pre
         every = max(chunk, self.stream.shape[1] // 50)
-        return stream_nll(self.ctx.model, self.stream, chunk, every)
+        ring = LMInfiniteRingCache.for_model(self.ctx.model)  # (every bounded method fits a ring)
+        return stream_nll(self.ctx.model, self.stream, chunk, every, ring)
 
     def summarize(self, rows):
         metrics, nll, rss = {}, {}, {}
         n = self.stream.shape[1]
-        marks = sorted({m for m in (100_000, 1_000_000, n) if m <= n})
+        marks = sorted({m for m in (n // 10, 100_000, 1_000_000, n) if m <= n})
         for r in ok_rows(rows):
             label = r["cell"]["method"]
             metrics[label] = {k: r[k] for k in ("window_tokens", "window_nll", "mean_nll", "rss_mb", "cache_slots")}

@@ -68,9 +68,29 @@ def test_ppl_stream_keeps_memory_flat(tiny, tmp_path):
     assert res.exit_code == 0, res.output
     results, samples = load(tmp_path)
     (row,) = samples
-    assert row["cache_slots"] <= 4 + 32 + 32 // 4 + 16 + 64  # first g + window + slack + one chunk
+    assert row["cache_slots"] == 4 + 32  # the ring: first g + window, whatever the stream's length
     assert len(row["window_nll"]) >= 40 and all(math.isfinite(x) for x in row["window_nll"])
     assert (tmp_path / "stream_nll.csv").exists() and (tmp_path / "stream_nll.png").exists()
+    assert list(pd.read_csv(tmp_path / "stream_rss.csv", index_col=0).columns) == ["RSS MB @400", "RSS MB @4,000"]
+
+
+def test_stream_through_the_ring_equals_the_default_cache(tiny):
+    """The stream's NLL through the ring equals the one through LMInfiniteCache (chunks of 48 over a window
+    of 32: the ring wraps every chunk)."""
+    from lminf_eval.tasks.stream import stream_nll
+
+    from lminf_eval import apply_lm_infinite
+    from lminf_eval.harness.models import load_model
+    from lminf_eval.ring_cache import LMInfiniteRingCache
+
+    model, _ = load_model(str(tiny.model))
+    apply_lm_infinite(model, n_global=4)
+    ids = torch.randint(0, model.config.vocab_size, (1, 600), generator=torch.Generator().manual_seed(0))
+    ring = stream_nll(model, ids, 48, 100, LMInfiniteRingCache.for_model(model))
+    default = stream_nll(model, ids, 48, 100)
+    assert ring["cache_slots"] == 36 and default["cache_slots"] > 36
+    assert ring["window_nll"] == pytest.approx(default["window_nll"], abs=1e-3)  # (rounded to 4 places)
+    assert ring["mean_nll"] == pytest.approx(default["mean_nll"], abs=1e-5)
 
 
 def test_passkey_end_to_end(tiny, tmp_path):
@@ -356,6 +376,7 @@ BAD_INPUTS = {
     "generate --compile without a bounded method": (["generate", "--method", "vanilla", "--compile"], "drop --compile"),
     "passkey --compile top-k": (["passkey", "--method", "lm-infinite:top_k=5:top_k_from_layer=0", "--compile"], "none"),
     "timing --compile, no bounded method": (["timing", "--method", "vanilla,self-extend", "--compile"], "none of"),
+    "batch size 0": (["generate", "--batch-size", "0"], "--batch-size"),
     "lm-eval without tasks": (["lm-eval"], "--tasks is required"),
     "unknown lm-eval task": (["lm-eval", "--tasks", "no_such_task"], "unknown lm-eval task no_such_task"),
     "lm-eval include path": (["lm-eval", "--tasks", "x", "--include-path", "/no/such/dir"], "--include-path"),
@@ -838,3 +859,35 @@ def test_paper_profile_dry_run_checks_every_step_offline(monkeypatch):
     failed = reproduce.dry_run(bad)
     assert [line.split(":")[0] for line in failed] == ["typo-method", "typo-flag", "typo-dataset", "bad-setting"]
     assert "unknown method" in failed[0] and "--num-sample" in failed[1] and "unknown dataset" in failed[2]
+
+
+@pytest.mark.parametrize(
+    "command,flags",
+    [
+        ("ppl", ["--lengths", "1x,4x", "--num-docs", "3", "--method", "vanilla,lm-infinite,dynamic-ntk"]),
+        ("passkey", ["--lengths", "32x", "--num-samples", "3", "--method", "vanilla,lm-infinite", "--new-tokens", "4"]),
+        ("generate", ["--lengths", "2x", "--num-docs", "3", "--new-tokens", "4", "--method", "vanilla,lm-infinite"]),
+    ],
+)
+def test_batch_size_batches_and_changes_no_number(tiny, tmp_path, command, flags, monkeypatch):
+    """--batch-size 3 runs the cells of one length in one batch (counted at the task's run_batch), and every
+    result equals the one-at-a-time run's; Dynamic NTK (per length) and truncate keep running alone."""
+    from lminf_eval.harness.task import TASKS
+
+    sizes, real = [], TASKS[command].run_batch
+    monkeypatch.setattr(TASKS[command], "run_batch", lambda self, cells: sizes.append(len(cells)) or real(self, cells))
+    rows = {}
+    for size in ("1", "3"):
+        res = run(tiny, command, *flags, "--batch-size", size, out=tmp_path / size)
+        assert res.exit_code == 0, res.output
+        rows[size] = {json.dumps(r["cell"]): r for r in load(tmp_path / size)[1]}
+    assert set(sizes) == {1, 3} and sizes.count(3) == 2  # (vanilla's and lm-infinite's batch of three)
+    assert rows["1"].keys() == rows["3"].keys()
+    for key, one in rows["1"].items():
+        three = rows["3"][key]
+        if command == "ppl":
+            assert three["nll"] == pytest.approx(one["nll"], abs=2e-4)
+        else:
+            assert {k: three[k] for k in ("answer", "hypothesis") if k in one} == {
+                k: one[k] for k in ("answer", "hypothesis") if k in one
+            }

@@ -309,23 +309,28 @@ def _run_cells(task: Task, cells: list[Cell], total: int, skipped: int) -> None:
         bar = progress.add_task(task.name, total=total, completed=skipped, rate="")
         for method, group in groupby(cells, key=lambda c: c.method):
             with applied(ctx.model, ctx.settings[method.label], ctx.l_pre):
-                for cell in group:
-                    label = " ".join(f"{v}" for k, v in cell.key.items() if k != "method")
+                for batch in task.batches(list(group)):  # (one cell each, unless --batch-size batches them)
+                    label = " ".join(f"{v}" for k, v in batch[0].key.items() if k != "method")
+                    label += f" (+{len(batch) - 1})" if len(batch) > 1 else ""
                     progress.update(bar, description=f"{task.name} {method.label} {label}")
                     start = time.time()
                     paths_run(reset=True)
                     try:
-                        result = task.run_cell(cell)
-                        ctx.run.record(cell.key, "ok", time.time() - start, result, paths_run(reset=True))
+                        results = task.run_batch(batch)
+                        seconds, paths = (time.time() - start) / len(batch), paths_run(reset=True)
+                        for cell, result in zip(batch, results, strict=True):  # (a batch's time split evenly)
+                            ctx.run.record(cell.key, "ok", seconds, result, paths)
                     except Exception as err:
                         if not is_oom(err):
                             raise
                         if torch.cuda.is_available():
                             torch.cuda.empty_cache()
-                        ctx.run.record(cell.key, "oom", time.time() - start, {"error": str(err).splitlines()[0][:200]})
+                        error = {"error": str(err).splitlines()[0][:200]}
+                        for cell in batch:
+                            ctx.run.record(cell.key, "oom", (time.time() - start) / len(batch), error)
                         console.print(f"[red]OOM[/red] {method.label} {label}: recorded, continuing")
-                    tokens += cell.tokens
-                    progress.update(bar, advance=1, rate=f"{tokens / max(time.time() - t0, 1e-9):,.0f} tok/s")
+                    tokens += sum(cell.tokens for cell in batch)
+                    progress.update(bar, advance=len(batch), rate=f"{tokens / max(time.time() - t0, 1e-9):,.0f} tok/s")
 
 
 def _summarize(task: Task, cells: list[Cell], started: float, interrupted: bool) -> None:

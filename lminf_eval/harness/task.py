@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 from array import array
+from collections.abc import Hashable
 from dataclasses import dataclass
 from importlib.metadata import entry_points
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -129,6 +130,25 @@ class Task:
 
     def run_cell(self, cell: Cell) -> dict:
         raise NotImplementedError
+
+    def batch_key(self, cell: Cell) -> Hashable | None:
+        """Cells with equal keys may share one batched forward (`--batch-size`); None: the cell runs alone."""
+        return None
+
+    def run_batch(self, cells: list[Cell]) -> list[dict]:
+        """The results of cells with one batch key, in order (a task that batches overrides it)."""
+        return [self.run_cell(cell) for cell in cells]
+
+    def batches(self, cells: list[Cell]) -> list[list[Cell]]:
+        """Consecutive cells with one batch key, up to the task's `--batch-size` each (1 when it has none)."""
+        size, out = getattr(self.options, "batch_size", 1), []
+        for cell in cells:
+            key = self.batch_key(cell) if size > 1 else None
+            if out and key is not None and len(out[-1]) < size and self.batch_key(out[-1][0]) == key:
+                out[-1].append(cell)
+            else:
+                out.append([cell])
+        return out
 
     def summarize(self, rows: list[dict]) -> tuple[dict, dict[str, pd.DataFrame]]:
         raise NotImplementedError
