@@ -41,11 +41,9 @@ def chunk_length(settings: Settings) -> int:
     return int(settings.chunk_size) - settings.local_window
 
 
-def chunk_case(q_idx: torch.Tensor, k_idx: torch.Tensor, settings: Settings) -> torch.Tensor:
-    """INTRA, SUCCESSIVE or INTER for each pair (tensors broadcast; meaningful for j <= i)."""
-    c = chunk_length(settings)
-    chunks_back = torch.div(q_idx, c, rounding_mode="floor") - torch.div(k_idx, c, rounding_mode="floor")
-    return chunks_back.clamp(0, INTER)
+def chunk_of(idx: torch.Tensor, settings: Settings) -> torch.Tensor:
+    """floor(i / c): a pair is INTRA when its chunks are equal, SUCCESSIVE one apart, INTER two or more."""
+    return torch.div(idx, chunk_length(settings), rounding_mode="floor")
 
 
 def query_position(q_idx: torch.Tensor, case: int, settings: Settings) -> torch.Tensor:
@@ -174,10 +172,11 @@ def _layout(plan: Plan, first: int, s: int, e: int, settings: Settings, position
             parts.append(Part(INTER, slice(0, a - c)))
     else:
         ki, kv = plan.k_idx[:, :q_hi], plan.k_valid[:, :q_hi]
-        seen = kv[:, None, :] & (qi[:, :, None] >= ki[:, None, :])  # [b, n, K']
-        case = chunk_case(qi[:, :, None], ki[:, None, :], settings)
+        seen = kv[:, None, :] & (qi[:, :, None] >= ki[:, None, :])  # [b, n, K'] bool
+        q_chunk, k_chunk = chunk_of(qi, settings)[:, :, None], chunk_of(ki, settings)[:, None, :]
+        in_case = {INTRA: q_chunk == k_chunk, SUCCESSIVE: q_chunk == k_chunk + 1, INTER: q_chunk >= k_chunk + 2}
         for which in (INTRA, SUCCESSIVE, INTER):
-            pairs = seen & (case == which)
+            pairs = seen & in_case[which]
             cols = pairs.any(1).any(0).nonzero().squeeze(1)
             if not cols.numel():
                 continue
