@@ -221,13 +221,20 @@ def test_dca_kernel_equals_the_authors_chunk_loop(spec):
     torch.testing.assert_close(ours.double(), decode, atol=1e-5, rtol=0)
 
 
-def test_dca_runs_on_the_blocks_kernel_on_every_device():
-    """`auto` takes the blocks kernel's DCA branch on CUDA too (flex and flash-window do not compute DCA)."""
+def test_dca_runs_on_the_blocks_kernel_only():
+    """`auto` takes the blocks kernel's DCA branch on CUDA too (flex and flash-window do not compute DCA; asking
+    for them is refused: test_unsupported_combinations_are_one_line_errors); the ring cache refuses DCA's
+    unbounded cache in one line."""
     from lminf_eval.attention.dispatch import backend_for
+    from lminf_eval.ring_cache import LMInfiniteRingCache
 
     settings = settings_of(PEERS["dca"])
     assert backend_for(settings, torch.device("cuda"), torch.float16) == "blocks"
     assert backend_for(settings, torch.device("cpu"), torch.float32) == "blocks"
+    model = tiny_model("llama")
+    with applied(model, settings, L_PRE), pytest.raises(LMInfiniteError, match="finite n_local") as err:
+        LMInfiniteRingCache.for_model(model)
+    assert "\n" not in str(err.value)
 
 
 def test_dca_is_listed_with_its_options_and_defaults():
