@@ -131,6 +131,23 @@ def test_dca_backends_equal_reference(backend, spec):
         torch.testing.assert_close(logits(model, ids[:1]), ours[:1], atol=ATOL, rtol=0)
 
 
+def test_dca_left_right_padding_and_a_gap_equal_reference():
+    """Rows padded on either side run row by row as slices; a row with a hole in its mask takes the masked path."""
+    model = tiny_model("llama")
+    n = 4 * L_PRE
+    ids = torch.randint(1, VOCAB, (3, n))
+    mask = torch.ones(3, n, dtype=torch.long)
+    mask[0, :9], mask[1, -6:], mask[2, 30:33] = 0, 0, 0
+    real = mask.bool()
+    with applied(model, settings_of(PEERS["dca"]), L_PRE):
+        rows = logits(model, ids[:2], mask[:2])
+        torch.testing.assert_close(
+            rows[real[:2]], reference_logits(model, ids[:2], mask[:2])[real[:2]], atol=ATOL, rtol=0
+        )
+        gap = logits(model, ids, mask)
+        torch.testing.assert_close(gap[real], reference_logits(model, ids, mask)[real], atol=ATOL, rtol=0)
+
+
 def test_dca_equals_vanilla_up_to_chunk_size_only():
     """Tokens 0..chunk_size see only their own chunk or the previous one at i mod c <= local_window, both at the
     pair's own distance: vanilla. Token chunk_size + 1 sees the previous chunk capped at chunk_size: not."""

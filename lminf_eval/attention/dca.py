@@ -102,6 +102,16 @@ def dual_chunk_attention(
     if not isinstance(position, Rope):
         raise LMInfiniteError("dual chunk attention re-rotates queries and keys: it needs a RoPE model")
     b, hq, n_q = query.shape[:3]
+    rows = _rows(plan, n_q) if use_slices and b > 1 and _plain_prefix(plan) < key.shape[2] else None
+    if rows is not None:  # each row one plain text after (or before) its padding: row by row, as slices
+        out = query.new_zeros(b, n_q, hq, value.shape[-1]).transpose(1, 2)  # (padding queries read zeros)
+        for r, (q_lo, q_hi, k_lo, k_hi, alone) in enumerate(rows):
+            if q_hi > q_lo:
+                sub = (x[r : r + 1, :, k_lo:k_hi] for x in (key, value))
+                out[r : r + 1, :, q_lo:q_hi] = dual_chunk_attention(
+                    query[r : r + 1, :, q_lo:q_hi], *sub, alone, settings, position, scaling, fused
+                )
+        return out
     out = query.new_empty(b, n_q, hq, value.shape[-1]).transpose(1, 2)  # (as blocks: the caller's transpose is free)
     memo_key = ("dca", n_q, key.shape[2], use_slices, query.dtype, query.device)
     layouts = plan.memo.get(memo_key)
@@ -142,6 +152,27 @@ def _spans(plan: Plan, n_q: int, c: int) -> list[tuple[int, int]]:
     starts = ((idx % c == 0) & (idx >= 0)).nonzero().squeeze(1).tolist()
     cuts = sorted({0, n_q, *starts})
     return [(s, min(hi, s + BLOCK)) for lo, hi in zip(cuts[:-1], cuts[1:], strict=True) for s in range(lo, hi, BLOCK)]
+
+
+def _rows(plan: Plan, n_q: int) -> list[tuple[int, int, int, int, Plan]] | None:
+    """Per row (query slots q_lo..q_hi, key slots k_lo..k_hi, an unpadded plan of those) when every row's real
+    key slots are one run holding tokens 0, 1, ... (left or right padding); else None. Once per forward."""
+    memo_key = ("dca-rows", n_q)
+    if memo_key not in plan.memo:
+        n_k, rows = plan.k_idx.shape[1], []
+        first = n_k - n_q
+        for valid, idx in zip(plan.k_valid, plan.k_idx, strict=True):
+            k_lo, n = int(valid.int().argmax()), int(valid.sum())
+            k_hi = k_lo + n
+            tokens = torch.arange(n, device=idx.device)
+            if not (bool(valid[k_lo:k_hi].all()) and bool((idx[k_lo:k_hi] == tokens).all())):
+                rows = None
+                break
+            q_lo, q_hi = max(k_lo, first) - first, max(k_hi, first) - first
+            alone = Plan.from_mask(None, 1, q_hi - q_lo, n - (q_hi - q_lo), 0, idx.device) if q_hi > q_lo else None
+            rows.append((q_lo, q_hi, k_lo, k_hi, alone))
+        plan.memo[memo_key] = rows  # (the row plans keep their own layouts across layers)
+    return plan.memo[memo_key]
 
 
 def _plain_prefix(plan: Plan) -> int:
