@@ -15,9 +15,10 @@ queries turned to that case's position (one rotation per case), merged by log-su
 Query blocks are cut at chunk boundaries. Where the key slots up to a block hold one unpadded sequence (slot t
 is token t in every row: the usual case, and every decode step of an unpadded prompt) the ranges are slices and
 every call is unmasked: the block's own chunk (its earlier keys, then the block's causal square), the previous
-chunk, and all chunks before that. Otherwise (padding) each case is one unmasked call over the key slots every
-query of the block sees in that case and one masked call over those only some see. Which slot goes where
-depends only on the plan: worked out once per forward and shared by all layers (`Plan.remember`).
+chunk, and all chunks before that. A batch whose rows are each one text after (or before) its padding runs
+row by row that way (`_rows`). Otherwise (a gap inside a row's mask) each case is one unmasked call over the key
+slots every query of the block sees in that case and one masked call over those only some see. Which slot goes
+where depends only on the plan: worked out once per forward and shared by all layers (`Plan.remember`).
 """
 
 from __future__ import annotations
