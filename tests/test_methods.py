@@ -149,8 +149,9 @@ def test_dca_left_right_padding_and_a_gap_equal_reference():
 
 
 def test_dca_equals_vanilla_up_to_chunk_size_only():
-    """Tokens 0..chunk_size see only their own chunk or the previous one at i mod c <= local_window, both at the
-    pair's own distance: vanilla. Token chunk_size + 1 sees the previous chunk capped at chunk_size: not."""
+    """With local_window < c (the defaults), tokens 0..chunk_size see only their own chunk or the previous one at
+    i mod c <= local_window, both at the pair's own distance: vanilla. Token chunk_size + 1 sees the previous chunk
+    capped at chunk_size: not."""
     settings = settings_of(PEERS["dca"])
     size = int(settings.chunk_size)
     model = tiny_model("llama")
