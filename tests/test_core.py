@@ -394,3 +394,39 @@ def test_two_models_sharing_one_config_do_not_affect_each_other(name):
     remove_lm_infinite(first)
     assert first.config is second.config
     torch.testing.assert_close(logits(first, ids), vanilla, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("method", ["rerope", "self-extend", "leaky-rerope", "lm-infinite:n_local=inf"])
+@pytest.mark.parametrize("d_rot,interleaved", [(16, False), (8, True)])
+def test_ceiling_band_matches_reference(method, d_rot, interleaved, monkeypatch):
+    """Full-attention methods on an unpadded prompt: every block past the ceiling takes the five unmasked calls
+    (`Layout.ceiling`; 16-row blocks, L_pre = 256, 600 tokens, GQA 4:2, full and partial interleaved rotary)
+    and gives the float64 reference's output, in one call and for a chunk read after earlier keys; a padded
+    batch takes the masked path and gives it too."""
+    from lminf_eval.attention import blocks
+    from lminf_eval.methods import parse_method
+
+    monkeypatch.setattr(blocks, "BLOCK", 16)
+    n = 600
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 4, n, 16, generator=gen)
+    k, v = (torch.randn(2, 2, n, 16, generator=gen) for _ in range(2))
+    rope = Rope(None, 1.0 / (100 ** (torch.arange(0, d_rot, 2).float() / d_rot)), interleaved)
+    settings = parse_method(method).settings(256, n)
+    limit = int(settings.limit_distance)
+    for n_q in (n, 200):
+        plan = Plan.from_mask(None, 2, n_q, n - n_q, settings.n_global, "cpu")
+        ours = lambda_attention(q[:, :, -n_q:], k, v, plan, settings, rope, 0.25)
+        blocks_run = {key[1:3]: lay for key, lay in plan.memo.items() if key[0] == "blocks"}
+        past = {(s, e) for s, e in blocks_run if n - n_q + s >= limit and e - s >= 2}
+        assert past and past == {se for se, lay in blocks_run.items() if lay.ceiling is not None}
+        ref = reference_attention(q[:, :, -n_q:].double(), k.double(), v.double(), plan, settings, rope, 0.25)
+        torch.testing.assert_close(ours.double(), ref, atol=ATOL, rtol=0)
+    mask = torch.ones(2, n, dtype=torch.long)
+    mask[1, :7] = 0
+    plan = Plan.from_mask(mask, 2, n, 0, settings.n_global, "cpu")
+    ours = lambda_attention(q, k, v, plan, settings, rope, 0.25)
+    assert not any(lay.ceiling for key, lay in plan.memo.items() if key[0] == "blocks")
+    ref = reference_attention(q.double(), k.double(), v.double(), plan, settings, rope, 0.25)
+    torch.testing.assert_close(ours.double()[1, :, 7:], ref[1, :, 7:], atol=ATOL, rtol=0)
+    torch.testing.assert_close(ours.double()[0], ref[0], atol=ATOL, rtol=0)
