@@ -1,5 +1,5 @@
 """Dual Chunk Attention (DCA; An et al., arXiv 2402.17463, ICML 2024; HKUNLP/ChunkLlama) as a branch of the
-blocks kernel (`blocks.blocked_attention` hands it the forward when `settings.dual_chunk`).
+blocks backend (dispatch.py hands it the forward in `blocked_attention`'s place when `settings.dual_chunk`).
 
 DCA keeps every key and cuts the text into chunks of c = chunk_size - local_window tokens. Key j sits at
 position j mod c; query i at a position that depends on the key's chunk k relative to its own q = floor(i/c):

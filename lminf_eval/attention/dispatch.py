@@ -16,7 +16,7 @@ from collections import Counter
 import torch
 
 from ..settings import Settings
-from . import blocks, flash_window, flex
+from . import blocks, dca, flash_window, flex
 from .blocks import _attend, _raw_scores
 from .plan import Plan, alibi_bias, far_positions, is_far, log_scale, visible
 from .positions import Alibi, Rope
@@ -85,7 +85,8 @@ def lambda_attention(
         out = flex.flex_attention_lambda(query, key, value, plan, settings, position, scaling)
     else:
         fused, use_band = backend != "plain", backend != "blocks-masked"
-        out = blocks.blocked_attention(query, key, value, plan, settings, position, scaling, fused, use_band)
+        kernel = dca.dual_chunk_attention if settings.dual_chunk else blocks.blocked_attention  # (DCA: own branch)
+        out = kernel(query, key, value, plan, settings, position, scaling, fused, use_band)
     if settings.top_k and layer_idx >= settings.top_k_from_layer:
         out[:, :, -1:] = _last_row_with_top_k(query[:, :, -1:], key, value, plan, settings, position, scaling)
     return out
