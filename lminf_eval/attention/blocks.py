@@ -13,7 +13,10 @@ fused attention call, merged by log-sum-exp:
   `far_positions` gives them. Keys that are far for every query of the block (all of them for LM-Infinite's
   global keys deep into the text; nearly every key for Self-Extend or ReRoPE) are one unmasked fused call;
   the few far for some queries only (the ragged edge) a small masked call. Each key's far position
-  depends on the key alone, so keys are turned once per layer, not once per block.
+  depends on the key alone, so keys are turned once per layer, not once per block. When every earlier key
+  is visible (Self-Extend, ReRoPE, the ceiling alone) in an unpadded prompt, a block past the ceiling is five
+  unmasked calls (`Layout.ceiling`): far for every query, the far edge (causal), the near edge (anti-causal,
+  reversed), near for every query, and the causal square.
 Which slot goes where depends only on the plan, so it is worked out once per forward and shared by all
 layers (`Plan.remember`).
 """
@@ -49,10 +52,14 @@ class Layout:
     far: torch.Tensor | None = None  # key slots past the ceiling for some queries only
     far_visible: torch.Tensor | None = None  # [b, 1, n, len(far)] bool
     q_turn: tuple | None = None  # rotation of the block's queries to their far position (L for LM-Infinite)
+    ceiling: tuple[int, int, int] | None = None  # key slots (x, q_lo, q_hi) of a ceiling band (`_ceiling_band`)
 
     def far_end(self) -> int:
         """One past the last far key slot (0 when none)."""
         ends = [int(self.far.max()) + 1] if self.far is not None else []
+        if self.ceiling is not None:
+            x, q_lo, q_hi = self.ceiling
+            ends.append(x + q_hi - q_lo)
         if isinstance(self.far_all, slice):
             ends.append(self.far_all.stop)
         elif self.far_all is not None:
@@ -137,11 +144,30 @@ def _band(plan: Plan, head: int, q_lo: int, q_hi: int, settings: Settings, posit
     return a, m, q_lo
 
 
+def _ceiling_band(plan: Plan, q_lo: int, q_hi: int, settings: Settings, position) -> tuple[int, int, int] | None:
+    """Key slots (x, q_lo, q_hi), x = q_lo - L, when queries [q_lo, q_hi) see every earlier key (no window), the
+    plan is one unpadded sequence, and the block lies past the ceiling and is shorter than it. Then query
+    r = i - q_lo is far from keys [0, x) and from edge key x + t iff t <= r, near to edge key x + 1 + t iff
+    t >= r, and near to [q_hi - L + 1, q_hi) causally: five unmasked calls. None otherwise."""
+    n, limit = q_hi - q_lo, settings.limit_distance
+    if not isinstance(position, Rope) or math.isfinite(settings.n_local) or not math.isfinite(limit):
+        return None
+    x = q_lo - int(limit)
+    if n < 2 or x < 0 or n >= limit or not plan.is_contiguous():
+        return None
+    return x, q_lo, q_hi
+
+
 def _layout(plan: Plan, first: int, s: int, e: int, settings: Settings, position, dtype, use_band: bool) -> Layout:
     """Split the keys of query block [s, e) (key slots first+s .. first+e-1) and build its masks."""
     head = min(plan.global_slots, first + e)
     q_lo, q_hi = first + s, first + e
     w, limit_distance = settings.n_local, settings.limit_distance
+    ceiling = _ceiling_band(plan, q_lo, q_hi, settings, position) if use_band else None
+    if ceiling is not None:
+        qi = plan.q_idx[:, s:e]
+        q_turn = position.rotation(far_positions(qi, qi, settings)[0] - qi, dtype)
+        return Layout(None, None, torch.arange(0), None, q_turn=q_turn, ceiling=ceiling)
     band, mid = _band(plan, head, q_lo, q_hi, settings, position) if use_band else None, None
     if band is not None:
         keys = torch.arange(min(head, band[0]))
@@ -199,6 +225,8 @@ def _block(q, key, far_key, value, lay: Layout, position, scaling, fused: bool) 
     """(output, log-sum-exp) of each key part of one query block, for `merge`; `far_key`: the keys turned to
     their far positions (`_far_keys`)."""
     parts = []
+    if lay.ceiling is not None:
+        return _ceiling_parts(q, key, far_key, value, lay, position, scaling, fused)
     if lay.band is not None:
         a, m, q_lo = lay.band
         square = slice(q_lo, q_lo + q.shape[2])
@@ -223,6 +251,26 @@ def _block(q, key, far_key, value, lay: Layout, position, scaling, fused: bool) 
             parts.append(_flash(q_far, far_key[:, :, lay.far_all], value[:, :, lay.far_all], None, scaling, fused))
         if lay.far is not None:
             parts.append(_masked(q_far, far_key[:, :, lay.far], value[:, :, lay.far], lay.far_visible, scaling, fused))
+    return parts
+
+
+def _ceiling_parts(q, key, far_key, value, lay: Layout, position, scaling, fused: bool) -> list[tuple]:
+    """The five unmasked calls of a ceiling band (`_ceiling_band`)."""
+    x, q_lo, q_hi = lay.ceiling
+    n = q_hi - q_lo
+    q_far = position.apply(q, lay.q_turn)
+    parts = [
+        _flash(q, key[:, :, q_lo:q_hi], value[:, :, q_lo:q_hi], None, scaling, fused, causal=True),
+        _flash(q_far, far_key[:, :, x : x + n], value[:, :, x : x + n], None, scaling, fused, causal=True),
+    ]
+    if x > 0:
+        parts.append(_flash(q_far, far_key[:, :, :x], value[:, :, :x], None, scaling, fused))
+    if q_lo > x + n + 1:
+        mid = slice(x + n + 1, q_lo)
+        parts.append(_flash(q, key[:, :, mid], value[:, :, mid], None, scaling, fused))
+    edge = slice(x + 1, x + n + 1)  # query r sees edge key t iff t >= r: causal once both are reversed
+    out, lse = _flash(q.flip(2), key[:, :, edge].flip(2), value[:, :, edge].flip(2), None, scaling, fused, causal=True)
+    parts.append((out.flip(2), lse.flip(-1)))
     return parts
 
 
