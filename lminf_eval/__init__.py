@@ -13,6 +13,8 @@ __version__ = "0.1.0"
 _LAZY = {
     "LMInfiniteCache": "cache",
     "LMInfiniteError": "errors",
+    "LMInfiniteRingCache": "ring_cache",
+    "decode_step": "ring_cache",
     "FAMILIES": "families",
     "Family": "families",
     "register_family": "families",
@@ -35,6 +37,7 @@ if TYPE_CHECKING:
         remove_lm_infinite,
         use_implementation,
     )
+    from .ring_cache import LMInfiniteRingCache, decode_step
     from .settings import Settings
 
 
@@ -55,9 +58,11 @@ __all__ = [
     "Family",
     "LMInfiniteCache",
     "LMInfiniteError",
+    "LMInfiniteRingCache",
     "Settings",
     "apply_lm_infinite",
     "configure",
+    "decode_step",
     "register_attention",
     "register_family",
     "remove_lm_infinite",

@@ -85,6 +85,7 @@ def test_the_library_imports_none_of_the_harness():
     harness_only = ["typer", "rich", "pandas", "datasets", "sacrebleu", "rouge_score", "matplotlib", "lm_eval"]
     code = (
         "import sys, lminf_eval, lminf_eval.methods, lminf_eval.attention\n"
+        "[getattr(lminf_eval, name) for name in lminf_eval.__all__]\n"  # (every public name, loaded)
         f"print([m for m in {harness_only + ['lminf_eval.harness']!r} if m in sys.modules])"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
