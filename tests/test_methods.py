@@ -116,12 +116,13 @@ def test_dca_decode_equals_reforward():
         ("blocks-masked", "dca"),
         ("plain", "dca:chunk_size=9:local_window=5"),
         ("blocks", "dca:chunk_size=9:local_window=5"),
+        ("blocks", "dca:rope_type=linear:rope_factor=2"),
     ],
 )
 def test_dca_backends_equal_reference(backend, spec):
     """Every block masked (blocks-masked), plain fp32 math, and the slices of an unpadded row (blocks), with the
-    defaults (chunks of 10) or local_window >= c (chunks of 4, earlier chunks at 2c - 1 = 7 < chunk_size); one
-    row padded, the other alone equal to its padded self."""
+    defaults (chunks of 10), local_window >= c (chunks of 4, earlier chunks at 2c - 1 = 7 < chunk_size), or on a
+    PI-scaled rotary (as ChunkLlama runs on PI models); one row padded, the other alone equal to its padded self."""
     model = tiny_model("llama")
     ids, mask = left_padded([4 * L_PRE, 4 * L_PRE - 7], 4 * L_PRE, seed=9)
     real = mask.bool()
