@@ -20,17 +20,21 @@ def rows_of(out):
     return {(r["cell"]["method"], r["cell"]["doc"]): r for r in rows}
 
 
-def one_forward(tiny, spec: str, docs: int = 2) -> dict[str, list]:
-    """Each document's NLL from one forward of the whole of it, the method on: what `ppl` computed for every
-    method before per-length reading existed (rounded as it stores them)."""
+@pytest.fixture(scope="module")
+def one_forward(tiny):
+    """spec -> each document's NLL from one forward of the whole of it, the method on: what `ppl` computed for
+    every method before per-length reading existed (rounded as it stores them)."""
     model, tokenizer = load_model(str(tiny.model))
-    method = parse_method(spec)
-    out = {}
-    with applied(model, method.settings(L_PRE, max(LENGTHS), {"n_global": 4}), L_PRE):
-        for doc in load_documents(str(tiny.data), tokenizer, docs, max(LENGTHS), max(LENGTHS)):
-            nll = token_nll(model, torch.tensor([doc.ids]))
-            out[doc.id] = [round(x, 4) for x in nll.tolist()]
-    return out
+    docs = load_documents(str(tiny.data), tokenizer, 2, max(LENGTHS), max(LENGTHS))
+
+    def read(spec: str) -> dict[str, list]:
+        out = {}
+        with applied(model, parse_method(spec).settings(L_PRE, max(LENGTHS), {"n_global": 4}), L_PRE):
+            for doc in docs:
+                out[doc.id] = [round(x, 4) for x in token_nll(model, torch.tensor([doc.ids])).tolist()]
+        return out
+
+    return read
 
 
 def test_forward_lengths_merge_the_milestones_inside_l_pre():
@@ -48,9 +52,9 @@ def per_length_run(tiny, tmp_path_factory):
     return out
 
 
-def test_dynamic_ntk_in_window_is_vanilla_and_past_it_its_own_length(tiny, per_length_run):
+def test_dynamic_ntk_in_window_is_vanilla_and_past_it_its_own_length(per_length_run, one_forward):
     rows = rows_of(per_length_run)
-    whole = one_forward(tiny, "dynamic-ntk")  # the base of 128 tokens at every position
+    whole = one_forward("dynamic-ntk")  # the base of 128 tokens at every position
     for doc in ("doc0", "doc1"):  # (doc1's forward of 32 follows doc0's of 128: the base must not carry over)
         vanilla, dynamic = rows[("vanilla", doc)]["nll"], rows[("dynamic-ntk", doc)]
         assert dynamic["forwards"] == [32, 64, 128] and dynamic["nll"] == whole[doc]
@@ -72,9 +76,9 @@ def test_dynamic_ntk_in_window_is_vanilla_and_past_it_its_own_length(tiny, per_l
 
 
 @pytest.mark.parametrize("spec", ["vanilla", "yarn", "lm-infinite"])
-def test_other_methods_keep_their_one_forward_numbers(tiny, per_length_run, spec):
+def test_other_methods_keep_their_one_forward_numbers(per_length_run, one_forward, spec):
     rows = rows_of(per_length_run)
-    for doc, nll in one_forward(tiny, spec).items():
+    for doc, nll in one_forward(spec).items():
         assert rows[(spec, doc)]["nll"] == nll and "per_length" not in rows[(spec, doc)]
 
 
