@@ -118,16 +118,17 @@ def dual_chunk_attention(
     layouts = plan.memo.get(memo_key)
     if layouts is None:
         first = key.shape[2] - n_q
-        spans = _spans(plan, n_q, chunk_length(settings))
+        spans = _spans(plan, n_q, settings)
         layouts = [_layout(plan, first, s, e, settings, position, query.dtype, use_slices) for s, e in spans]
         plan.remember(memo_key, layouts, sum(lay.nbytes() for lay in layouts))
-    turned = position.apply(key, _key_turn(plan, key, settings, position))
+    far = any(p.case != INTRA for lay in layouts for p in lay.parts)
+    turned = position.apply(key, _key_turn(plan, key, settings, position)) if far else None
     for lay in layouts:
         q = query[:, :, lay.s : lay.e]
-        q_case = {case: position.apply(q, turn) for case, turn in lay.q_turns.items()}
+        q_case = {INTRA: q, **{case: position.apply(q, turn) for case, turn in lay.q_turns.items()}}
         parts = []
         for p in lay.parts:
-            k, v = turned[:, :, p.keys], value[:, :, p.keys]
+            k, v = (key if p.case == INTRA else turned)[:, :, p.keys], value[:, :, p.keys]
             if p.mask is None:
                 parts.append(_flash(q_case[p.case], k, v, None, scaling, fused, causal=p.causal))
             else:
@@ -147,10 +148,11 @@ def _key_turn(plan: Plan, key: torch.Tensor, settings: Settings, position: Rope)
     return turn
 
 
-def _spans(plan: Plan, n_q: int, c: int) -> list[tuple[int, int]]:
-    """Query slot ranges: cut where the first row's token index starts a chunk, at most BLOCK rows each."""
-    idx = plan.q_idx[0]
-    starts = ((idx % c == 0) & (idx >= 0)).nonzero().squeeze(1).tolist()
+def _spans(plan: Plan, n_q: int, settings: Settings) -> list[tuple[int, int]]:
+    """Query slot ranges: cut where the first row's token index starts a chunk or reaches local_window in it (past
+    which the previous chunk is scored like the earlier ones), at most BLOCK rows each."""
+    idx, c = plan.q_idx[0], chunk_length(settings)
+    starts = (((idx % c == 0) | (idx % c == settings.local_window)) & (idx >= 0)).nonzero().squeeze(1).tolist()
     cuts = sorted({0, n_q, *starts})
     return [(s, min(hi, s + BLOCK)) for lo, hi in zip(cuts[:-1], cuts[1:], strict=True) for s in range(lo, hi, BLOCK)]
 
@@ -198,10 +200,13 @@ def _layout(plan: Plan, first: int, s: int, e: int, settings: Settings, position
         if q_lo > a:
             parts.append(Part(INTRA, slice(a, q_lo)))
         parts.append(Part(INTRA, slice(q_lo, q_hi), causal=True))
-        if a >= c:
-            parts.append(Part(SUCCESSIVE, slice(a - c, a)))
-        if a >= 2 * c:
-            parts.append(Part(INTER, slice(0, a - c)))
+        if a >= c and q_lo - a >= settings.local_window and settings.local_window < c:
+            parts.append(Part(INTER, slice(0, a)))  # (the previous chunk's query position is the earlier ones')
+        else:
+            if a >= c:
+                parts.append(Part(SUCCESSIVE, slice(a - c, a)))
+            if a >= 2 * c:
+                parts.append(Part(INTER, slice(0, a - c)))
     else:
         ki, kv = plan.k_idx[:, :q_hi], plan.k_valid[:, :q_hi]
         seen = kv[:, None, :] & (qi[:, :, None] >= ki[:, None, :])  # [b, n, K'] bool
@@ -220,5 +225,8 @@ def _layout(plan: Plan, first: int, s: int, e: int, settings: Settings, position
                 parts.append(Part(which, some, pairs[:, None, :, some]))
         if not parts:  # (padding queries only: one part that sees nothing, so the block reads zeros)
             parts.append(Part(INTRA, slice(0, 1), torch.zeros_like(seen[:, None, :, :1])))
-    turns = {p.case: position.rotation(query_position(qi, p.case, settings) - qi, dtype) for p in parts}
+    # (an intra-chunk pair keeps its own distance: scored with q and k as the model turned them, no rotation)
+    turns = {
+        p.case: position.rotation(query_position(qi, p.case, settings) - qi, dtype) for p in parts if p.case != INTRA
+    }
     return ChunkLayout(s, e, parts, turns)
