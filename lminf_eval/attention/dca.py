@@ -10,15 +10,18 @@ position j mod c; query i at a position that depends on the key's chunk k relati
 No distance exceeds chunk_size. A query's position depends on the key's chunk, so plan.py's `far_positions`
 contract (a query's position depends on the query alone) does not hold; per case it does. So keys are turned
 once per layer to j mod c, and each query block is scored against up to three key ranges, each with the block's
-queries turned to that case's position (one rotation per case), merged by log-sum-exp.
+queries turned to that case's position (one rotation per case), merged by log-sum-exp. An intra-chunk pair keeps
+its own distance: it is scored with q and k as the model turned them. Past local_window in a chunk the previous
+chunk's query position is the earlier chunks' (chunk_size), so those two ranges are one call.
 
-Query blocks are cut at chunk boundaries. Where the key slots up to a block hold one unpadded sequence (slot t
-is token t in every row: the usual case, and every decode step of an unpadded prompt) the ranges are slices and
-every call is unmasked: the block's own chunk (its earlier keys, then the block's causal square), the previous
-chunk, and all chunks before that. A batch whose rows are each one text after (or before) its padding runs
-row by row that way (`_rows`). Otherwise (a gap inside a row's mask) each case is one unmasked call over the key
-slots every query of the block sees in that case and one masked call over those only some see. Which slot goes
-where depends only on the plan: worked out once per forward and shared by all layers (`Plan.remember`).
+Query blocks are cut at chunk boundaries and where i mod c reaches local_window. Where the key slots up to a
+block hold one unpadded sequence (slot t is token t in every row: the usual case, and every decode step of an
+unpadded prompt) the ranges are slices and every call is unmasked: the block's own chunk (its earlier keys, then
+the block's causal square), the previous chunk, and all chunks before that. A batch whose rows are each one text
+after (or before) its padding runs row by row that way (`_rows`). Otherwise (a gap inside a row's mask) each
+case is one unmasked call over the key slots every query of the block sees in that case and one masked call over
+those only some see. Which slot goes where depends only on the plan: worked out once per forward and shared by
+all layers (`Plan.remember`).
 """
 
 from __future__ import annotations
