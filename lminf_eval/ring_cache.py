@@ -284,7 +284,8 @@ def check_settings(settings: Settings | None) -> None:
         )
     if not math.isfinite(settings.n_local):
         raise LMInfiniteError(
-            "the ring cache needs a finite n_local (a bounded method: lm-infinite, streaming-llm): set n_local"
+            "the ring cache holds g + w keys, but this method keeps every key (n_local inf): use a bounded method "
+            "(lm-infinite, streaming-llm, window, lambda-only) or the model's own cache"
         )
     if settings.rope_type == "dynamic":
         raise LMInfiniteError(

@@ -142,7 +142,7 @@ def test_settings_a_ring_cannot_serve_are_one_line_errors():
         return str(info.value)
 
     assert "top_k=0" in error(top_k=5, top_k_from_layer=0)
-    assert "finite n_local" in error(n_local=math.inf)
+    assert "keeps every key" in error(n_local=math.inf)
     assert "rope_type" in error(rope_type="dynamic", rope_factor=2)
     with pytest.raises(LMInfiniteError, match="apply_lm_infinite"):
         LMInfiniteRingCache.for_model(tiny_model("llama"))
