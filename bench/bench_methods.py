@@ -4,8 +4,8 @@
 
 Each method runs through `lambda_attention` (the blocks kernel on CPU) with the settings its preset resolves
 to at L_pre = 8192; the layout is built by a first call and reused, as by a model's layers 2 and on. The
-arithmetic limit beside each ratio is vanilla's attended pairs over the method's (Self-Extend and ReRoPE
-score every causal pair once, near or far, so their limit is 1.0x; LM-Infinite and StreamingLLM attend
+arithmetic limit beside each ratio is vanilla's attended pairs over the method's (Self-Extend, ReRoPE, STRING
+and DCA score every causal pair once, near or far, so their limit is 1.0x; LM-Infinite and StreamingLLM attend
 g + w keys per query). Writes results/bench/methods.{md,json}.
 """
 
@@ -55,7 +55,7 @@ def attended_pairs(settings, n: int) -> int:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lengths", default="8192,16384,32768")
-    parser.add_argument("--methods", default="lm-infinite,streaming-llm,self-extend,rerope,leaky-rerope")
+    parser.add_argument("--methods", default="lm-infinite,streaming-llm,self-extend,rerope,leaky-rerope,string,dca")
     parser.add_argument("--out", default="results/bench")
     args = parser.parse_args()
     torch.manual_seed(0)
