@@ -4,7 +4,8 @@
     python scripts/bench_per_length.py --model tiny-rope --lengths 0.5x,1x,2x,4x --reps 5 --threads 1
 
 Prints the median time of each and their ratio, with the arithmetic beside it: the forwards' tokens (the
-per-token work) and their attention pairs (the quadratic part), relative to one forward of the document.
+per-token work) and their attention pairs (the quadratic part), relative to one forward of the document. CPU
+time (of this process, one thread) is the figure to read on a machine other jobs share; wall time beside it.
 """
 
 from __future__ import annotations
@@ -43,21 +44,25 @@ def main() -> None:
     (doc,) = load_documents(args.dataset, tokenizer, 1, n, n)
     ids = torch.tensor([doc.ids])
     forwards = forward_lengths(lengths, n, l_pre)
+
+    def timed(fn) -> tuple[float, float]:
+        wall, cpu = time.perf_counter(), time.process_time()
+        fn()
+        return time.perf_counter() - wall, time.process_time() - cpu
+
     one, per = [], []
     with applied(model, parse_method("dynamic-ntk").settings(l_pre, n), l_pre):
+        token_nll(model, ids[:, : min(n, l_pre)])  # warm-up, untimed
         for _ in range(args.reps):
             reset_dynamic_rope(model)
-            start = time.perf_counter()
-            token_nll(model, ids)
-            one.append(time.perf_counter() - start)
-            start = time.perf_counter()
-            per_length_nll(model, ids, lengths, l_pre, max(1, l_pre // 8))
-            per.append(time.perf_counter() - start)
-    t_one, t_per = statistics.median(one), statistics.median(per)
+            one.append(timed(lambda: token_nll(model, ids)))
+            per.append(timed(lambda: per_length_nll(model, ids, lengths, l_pre, max(1, l_pre // 8))))
     tokens, pairs = sum(forwards) / n, sum(f * f for f in forwards) / n**2
     print(f"{args.model} (L_pre {l_pre}) on {args.dataset}, lengths {lengths}: forwards {forwards}")
     print(f"{args.threads} thread(s), median of {args.reps}, load {os.getloadavg()[0]:.2f} at the end")
-    print(f"one forward {t_one:.3f} s, per length {t_per:.3f} s: {t_per / t_one:.2f}x")
+    for k, kind in enumerate(("cpu", "wall")):
+        t_one, t_per = statistics.median(t[1 - k] for t in one), statistics.median(t[1 - k] for t in per)
+        print(f"{kind}: one forward {t_one:.3f} s, per length {t_per:.3f} s: {t_per / t_one:.2f}x")
     print(f"arithmetic: forward tokens {tokens:.2f}x, attention pairs {pairs:.2f}x")
 
 
