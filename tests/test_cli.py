@@ -891,3 +891,18 @@ def test_batch_size_batches_and_changes_no_number(tiny, tmp_path, command, flags
             assert {k: three[k] for k in ("answer", "hypothesis") if k in one} == {
                 k: one[k] for k in ("answer", "hypothesis") if k in one
             }
+
+
+def test_dynamic_rope_starts_from_l_pre_before_every_batch(tiny, tmp_path, monkeypatch):
+    """transformers keeps the base a longer forward grew until one shorter than L_pre: the runner puts it back
+    before every batch, so a cell's Dynamic NTK base follows its own length (reset_dynamic_rope itself is
+    tested against a fresh model in test_ppl_per_length.py)."""
+    from lminf_eval.harness import runner
+
+    calls = []
+    real = runner.reset_dynamic_rope
+    monkeypatch.setattr(runner, "reset_dynamic_rope", lambda model: calls.append(1) or real(model))
+    flags = ["--lengths", "2x,4x", "--num-docs", "2", "--new-tokens", "2", "--method", "dynamic-ntk"]
+    res = run(tiny, "generate", *flags, out=tmp_path)
+    assert res.exit_code == 0, res.output
+    assert len(calls) == 4  # one per cell

@@ -92,6 +92,8 @@ def blocked_attention(
     block = min(BLOCK, int(w) // 4) if math.isfinite(w) else BLOCK
     if isinstance(position, Rope) and settings.limit_distance < w:  # ceiling inside the window: at most L/2 rows,
         block = min(block, max(128, int(settings.limit_distance) // 2))  # so most near keys are an unmasked call
+        if not math.isfinite(w) and plan.is_contiguous():  # (a ceiling band needs fewer rows than L only)
+            block = min(BLOCK, max(128, int(settings.limit_distance) - 1))
     block = min(n_q, max(1, block))
     layouts = []
     for s in range(0, n_q, block):
@@ -150,7 +152,7 @@ def _ceiling_band(plan: Plan, q_lo: int, q_hi: int, settings: Settings, position
     r = i - q_lo is far from keys [0, x) and from edge key x + t iff t <= r, near to edge key x + 1 + t iff
     t >= r, and near to [q_hi - L + 1, q_hi) causally: five unmasked calls. None otherwise."""
     n, limit = q_hi - q_lo, settings.limit_distance
-    if not isinstance(position, Rope) or math.isfinite(settings.n_local) or not math.isfinite(limit):
+    if not isinstance(position, Rope) or math.isfinite(settings.n_local) or not float(limit).is_integer():
         return None
     x = q_lo - int(limit)
     if n < 2 or x < 0 or n >= limit or not plan.is_contiguous():

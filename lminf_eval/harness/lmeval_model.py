@@ -23,6 +23,7 @@ except ImportError as err:  # the bridge is an optional extra
     raise UserError(INSTALL_LM_EVAL) from err
 
 from ..methods import Method, apply_method, parse_method
+from ..rope_scaling import reset_dynamic_rope
 from ..settings import NAMES
 from .models import load_model
 from .runner import resolve_device, resolve_run
@@ -76,6 +77,16 @@ class LMInfLM(HFLM):
     def remove(self) -> None:
         """Take the method off the model (it stays loaded, as it was before)."""
         self.undo(self.model)
+
+    # Dynamic NTK: transformers keeps the base a longer request grew until one shorter than L_pre; each request
+    # starts from L_pre's base, so its rotation follows its own length (a no-op for every other method).
+    def _model_call(self, *args, **kwargs):
+        reset_dynamic_rope(self.model)
+        return super()._model_call(*args, **kwargs)
+
+    def _model_generate(self, *args, **kwargs):
+        reset_dynamic_rope(self.model)
+        return super()._model_generate(*args, **kwargs)
 
 
 # lm-eval cuts every context to its model's max_length from the left; these methods are meant to read any

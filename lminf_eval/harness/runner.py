@@ -25,6 +25,7 @@ from ..attention.dispatch import paths_run
 from ..errors import UserError
 from ..methods import Method, applied, parse_methods
 from ..patch import pretraining_length as config_pretraining_length
+from ..rope_scaling import reset_dynamic_rope
 from ..settings import Settings
 from .config import RunConfig, parse_lengths
 from .data import check_dataset, iter_texts, resolve_dataset
@@ -315,6 +316,7 @@ def _run_cells(task: Task, cells: list[Cell], total: int, skipped: int) -> None:
                     progress.update(bar, description=f"{task.name} {method.label} {label}")
                     start = time.time()
                     paths_run(reset=True)
+                    reset_dynamic_rope(ctx.model)  # (Dynamic NTK: each batch's base from its own length)
                     try:
                         results = task.run_batch(batch)
                         seconds, paths = (time.time() - start) / len(batch), paths_run(reset=True)
