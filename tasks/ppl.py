@@ -18,7 +18,6 @@ import numpy as np
 from lminf_eval.harness.data import Document
 from lminf_eval.harness.intervals import Estimate, bootstrap_mean
 from lminf_eval.harness.task import Cell, Task, console, option, register_task
-from lminf_eval.rope_scaling import reset_dynamic_rope
 
 from .base import length_dependent, method_table, ok_rows
 
@@ -87,6 +86,8 @@ def per_length_nll(
     """(NLL of the whole document, {milestone: its bucket's NLL}, the forwards' lengths) for a method whose
     rotation follows the forward's length: each milestone's bucket from a forward of the document cut to that
     milestone, the whole document's NLL (the curve, "overall") from a forward of all of it."""
+    from lminf_eval.rope_scaling import reset_dynamic_rope
+
     n = ids.shape[1]
     forwards = forward_lengths(lengths, n, l_pre)
     buckets, whole = {}, None
