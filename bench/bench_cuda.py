@@ -164,8 +164,7 @@ def attention_rows(bench: Bench, rotary) -> None:
 
     n = size.attention_n
     q, k, v = qkv(n, size.heads, dim, device, seed=1)
-    pairs_vanilla = n * (n + 1) // 2
-    pairs_ours = sum(min(i + 1, w) + (min(g, i + 1 - w) if i >= w else 0) for i in range(n))
+    pairs_vanilla, pairs_ours = n * (n + 1) // 2, lm_infinite_pairs(n, g, w)
     seconds, _ = timed(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True), device, size.repeats)
     bench.record({"section": "attention", "method": "vanilla", "n": n, "seconds": seconds, "pairs": pairs_vanilla})
     for path in PATHS:
@@ -234,13 +233,18 @@ def kv_gib(cache) -> float:
     return sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values)) / GIB
 
 
+def lm_infinite_pairs(n: int, g: int, w: int) -> int:
+    """Pairs LM-Infinite attends over n tokens: the window's, and the global keys past it."""
+    return sum(min(i + 1, w) + (min(g, i + 1 - w) if i >= w else 0) for i in range(n))
+
+
 def limits(size: Size, n: int) -> dict:
     """Vanilla over LM-Infinite: FLOPs of a prefill (linear layers the same for both, attention per pair), and
     bytes a decode step reads (weights, then the KV slots it attends to)."""
     g, w, d, layers = size.n_global, size.l_pre, size.hidden, size.layers
     per_token = 2 * layers * (4 * d * d + 3 * d * size.intermediate)  # q, k, v, o and the MLP, 2 FLOPs a MAC
     per_pair = 4 * layers * d  # q·k and p·v
-    pairs_ours = sum(min(i + 1, w) + (min(g, i + 1 - w) if i >= w else 0) for i in range(n))
+    pairs_ours = lm_infinite_pairs(n, g, w)
     flops = (n * per_token + n * (n + 1) // 2 * per_pair) / (n * per_token + pairs_ours * per_pair)
     weights = 2 * (layers * (4 * d * d + 3 * d * size.intermediate) + 2 * size.vocab * d)
     slot = 2 * layers * d * 2

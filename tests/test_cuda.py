@@ -135,24 +135,16 @@ def test_flash_window_model_in_half_precision(name):
 def test_ring_decode_compiled_with_cuda_graphs(name):
     """The ring's decode step compiled by inductor with CUDA graphs: 3w + 1 steps that wrap the ring, no graph
     break, one graph, no recompile, the eager ring's tokens."""
+    from test_ring_cache import assert_compiled_steps_equal_eager
     from torch._dynamo.utils import counters
 
-    from lminf_eval.ring_cache import LMInfiniteRingCache, decode_step
+    from lminf_eval.ring_cache import decode_step
 
     torch._dynamo.reset()
     counters.clear()
     model = on_cuda(name, n_global=G, **lm_kwargs(name))
     ids, mask = (t.cuda() for t in left_padded([20, 17], 20, seed=2))
-    compiled_ring, eager_ring = LMInfiniteRingCache.for_model(model), LMInfiniteRingCache.for_model(model)
-    compiled, eager = decode_step(model), decode_step(model, compile=False)
-    with torch.no_grad(), torch._dynamo.config.patch(error_on_recompile=True):
-        for ring in (compiled_ring, eager_ring):
-            model(ids, attention_mask=mask, cache=ring, use_cache=True)
-        token = ids[:, -1:]
-        for _ in range(3 * L_PRE + 1):
-            a, b = compiled(token, compiled_ring), eager(token, eager_ring)
-            torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
-            token = b.argmax(-1, keepdim=True)
+    assert_compiled_steps_equal_eager(model, ids, mask, decode_step(model), 1e-4)
     assert not counters["graph_break"]
     assert counters["stats"]["unique_graphs"] == 1
     assert not counters["inductor"]["cudagraph_skips"]  # (e.g. a mutated input without a fixed address)

@@ -99,19 +99,25 @@ def test_compiled_decode_is_one_graph_without_recompiles(name):
     counters.clear()
     model = apply_lm_infinite(tiny_model(name), n_global=G, **lm_kwargs(name))
     ids, mask = left_padded([20, 17], 20, seed=2)
+    assert_compiled_steps_equal_eager(model, ids, mask, decode_step(model, backend="eager"), ATOL)
+    assert not counters["graph_break"]
+    assert counters["stats"]["unique_graphs"] == 1
+    torch._dynamo.reset()
+
+
+def assert_compiled_steps_equal_eager(model, ids, mask, compiled, atol: float) -> None:
+    """3w + 1 steps after reading `ids`, each of `compiled` against the eager step on its own ring, under
+    error_on_recompile (shared with test_cuda.py's CUDA-graph run)."""
     compiled_ring, eager_ring = LMInfiniteRingCache.for_model(model), LMInfiniteRingCache.for_model(model)
-    compiled, eager = decode_step(model, backend="eager"), decode_step(model, compile=False)
+    eager = decode_step(model, compile=False)
     with torch.no_grad(), torch._dynamo.config.patch(error_on_recompile=True):
         for ring in (compiled_ring, eager_ring):
             model(ids, attention_mask=mask, cache=ring, use_cache=True)
         token = ids[:, -1:]
         for _ in range(3 * W + 1):
             a, b = compiled(token, compiled_ring), eager(token, eager_ring)
-            torch.testing.assert_close(a, b, atol=ATOL, rtol=0)
+            torch.testing.assert_close(a, b, atol=atol, rtol=0)
             token = b.argmax(-1, keepdim=True)
-    assert not counters["graph_break"]
-    assert counters["stats"]["unique_graphs"] == 1
-    torch._dynamo.reset()
 
 
 def test_the_ring_holds_exactly_g_plus_w_slots():
